@@ -1,0 +1,20 @@
+"""Merging fine-tuned checkpoints of one base model: methods, streaming engine, configs, LoRA.
+
+Python API::
+
+    from taskvec.merge import merge
+    merge("merge.yaml", "out/", overwrite=False, device="cpu", dtype=None, show_progress=True)
+
+See ``docs/merge.md`` for the methods, their parameters and the YAML format.
+"""
+
+from .config import MergeConfig, ModelSpec, load_config, to_mergekit
+from .engine import Checkpoint, MergeResult, merge, plan
+from .lora import LoraAdapter, factorize, lora_delta, lora_scaling
+from .methods import METHODS, Method, MergeError, Param, get_method, register
+
+__all__ = [
+    "merge", "MergeResult", "MergeConfig", "ModelSpec", "load_config", "to_mergekit", "plan", "Checkpoint",
+    "METHODS", "Method", "Param", "MergeError", "get_method", "register",
+    "LoraAdapter", "lora_delta", "lora_scaling", "factorize",
+]
