@@ -509,6 +509,9 @@ def merge(config, out, overwrite: bool = False, device: str = "cpu", dtype: str 
     p = plan(cfg)
     kinds = {inp.path.as_posix(): inp.kind for inp in p.inputs}
     mergekit_cfg = to_mergekit(cfg, kinds) if write_mergekit else None
+    if cfg.lora_rank and any(i.kind != "lora" or i.keys for i in p.inputs):
+        raise MergeError("lora_rank output needs every input to be a LoRA adapter with LoRA targets only "
+                         "(no modules_to_save / bias tensors)")
     out_dtype = _torch_dtype(cfg.dtype)
     if device != "cpu" and not torch.cuda.is_available() and str(device).startswith("cuda"):
         raise MergeError(f"device {device!r} requested but CUDA is not available")
@@ -579,9 +582,6 @@ def _write_heads(p: _Plan, dest: Path) -> list[str]:
 
 def _write_lora(p: _Plan, dest: Path, device, out_dtype, bar) -> int:
     """Merged deltas of the LoRA targets, re-factorised to rank ``lora_rank``, as a peft adapter."""
-    if any(i.kind != "lora" or i.keys for i in p.inputs):
-        raise MergeError("lora_rank output needs every input to be a LoRA adapter with LoRA targets only "
-                         "(no modules_to_save / bias tensors)")
     names, kinds = {}, {}
     for inp in p.inputs:
         for b, t in inp.lora.items():

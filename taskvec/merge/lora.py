@@ -117,6 +117,8 @@ class LoraAdapter:
                 module = m.group(1) or m.group(3)
                 kind = m.group(2) or m.group(4)
                 pairs.setdefault(module, {})[kind] = key
+            elif ".base_layer." in name:
+                continue  # peft's copy of an untouched base weight (saved with embedding targets)
             elif ".lora_" in name:
                 raise MergeError(f"{weights}: unsupported LoRA tensor {key!r}")
             else:
