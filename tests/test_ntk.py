@@ -1,0 +1,269 @@
+"""Empirical NTK: exact = NTK-vector-product reference = finite differences, on tiny random models."""
+
+import math
+
+import pytest
+import torch
+
+from taskvec.modeling import HeadSpec, LinearHead, TaskModel
+from taskvec.ntk import (NTKError, Projector, empirical_ntk, jacobian_features, jvp_outputs, kernel_matrix,
+                         model_outputs, output_gradient, select_params)
+from taskvec.scopes import ScopeError
+
+
+def _bert(seed=0, num_labels=3, dtype=torch.float64):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     vocab_size=100, max_position_embeddings=64, attn_implementation="eager")
+    m = TaskModel(BertModel(cfg), LinearHead(32, num_labels), HeadSpec("linear", "mean", num_labels))
+    return m.to(dtype).eval()
+
+
+def _decoder(arch, seed=0, num_labels=3, dtype=torch.float64):
+    import transformers as T
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=100, attn_implementation="eager")
+    if arch == "llama":
+        cfg = T.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=64, max_position_embeddings=64, **common)
+        bb = T.LlamaModel(cfg)
+    elif arch == "gpt2":
+        cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2,
+                           **common)
+        bb = T.GPT2Model(cfg)
+    else:
+        cfg = T.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                              max_position_embeddings=64, bos_token_id=1, eos_token_id=2, **common)
+        bb = T.GPTNeoXModel(cfg)
+    m = TaskModel(bb, LinearHead(32, num_labels), HeadSpec("linear", "last", num_labels))
+    return m.to(dtype).eval()
+
+
+def _inputs(n=5, L=7, seed=1, num_labels=3, token_types=False):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (n, L), generator=g)
+    mask = torch.ones(n, L, dtype=torch.long)
+    for i in range(n):  # varied right padding
+        k = L - (i % 3)
+        mask[i, k:] = 0
+        ids[i, k:] = 0
+    b = {"input_ids": ids, "attention_mask": mask, "labels": torch.arange(n) % num_labels}
+    if token_types:
+        b["token_type_ids"] = (torch.arange(L)[None] >= 3).long().expand(n, L).clone()
+    return b
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: threads only add overhead (and the test machine is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return _bert()
+
+
+def test_exact_equals_reference_full_and_groups(bert):
+    x = _inputs(n=4, token_types=True)
+    ex = empirical_ntk(bert, x, mode="exact", kernel="full")
+    ref = empirical_ntk(bert, x, mode="reference", kernel="full")
+    assert ex.kernel.shape == (4, 4, 3, 3) and ex.kernel.dtype == torch.float64
+    assert rel(ex.kernel, ref.kernel) <= 1e-6
+    assert set(ex.groups) == {"0.q", "0.k", "0.v", "1.q", "1.k", "1.v"}
+    for g in ex.groups:
+        assert rel(ex.groups[g], ref.groups[g]) <= 1e-6, g
+    # sum of group kernels = full kernel
+    assert rel(sum(ex.groups.values()), ex.kernel) <= 1e-12
+    assert ex.p == 6 * 32 * 32
+
+
+def test_symmetric_psd_and_kinds(bert):
+    x = _inputs(n=6)
+    full = empirical_ntk(bert, x, kernel="full")
+    M = kernel_matrix(full.kernel, "full")
+    assert torch.equal(M, M.T)
+    ev = torch.linalg.eigvalsh(M)
+    assert ev.min() >= -1e-10 * ev.max()
+    tr = empirical_ntk(bert, x, kernel="trace")
+    dg = empirical_ntk(bert, x, kernel="diagonal")
+    d = torch.diagonal(full.kernel, dim1=2, dim2=3)
+    assert tr.kernel.shape == (6, 6) and dg.kernel.shape == (6, 6, 3)
+    assert rel(dg.kernel, d) <= 1e-12
+    assert rel(tr.kernel, d.mean(-1)) <= 1e-12  # average over outputs, not the sum
+
+
+def test_finite_differences_and_first_order(bert):
+    """K[i, j, a, b] = <∇f_a(x_i), ∇f_b(x_j)>: check by central differences along g = ∇f_b(x_j)."""
+    x = _inputs(n=4)
+    ex = empirical_ntk(bert, x, kernel="full")
+    sels = select_params(bert, "qkv")
+    named = dict(bert.named_parameters())
+    for j, b in [(0, 0), (2, 1), (3, 2)]:
+        grads = output_gradient(bert, x, j, b, sels)
+        g = {}
+        for d in grads.values():
+            g.update(d)
+        eps = 1e-5
+
+        def f_at(scale):
+            with torch.no_grad():
+                for n, v in g.items():
+                    named[n].add_(scale * v)
+                out = model_outputs(bert, x)
+                for n, v in g.items():
+                    named[n].sub_(scale * v)
+            return out
+
+        fd = (f_at(eps) - f_at(-eps)) / (2 * eps)
+        assert rel(fd, ex.kernel[:, j, :, b]) <= 1e-6
+        # first-order check: f(θ + εg) − f(θ) ≈ ε K, error O(ε²)
+        e1 = 1e-4
+        lin = (f_at(e1) - f_at(0.0)) / e1
+        assert rel(lin, ex.kernel[:, j, :, b]) <= 1e-2
+        # JVP helper gives J·g directly
+        f0, jv = jvp_outputs(bert, x, g)
+        assert rel(jv, ex.kernel[:, j, :, b]) <= 1e-10
+        assert rel(f0, f_at(0.0)) <= 1e-12
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
+@pytest.mark.parametrize("scope", ["qkv", "k"])
+def test_decoders_and_fused_qkv(arch, scope):
+    m = _decoder(arch)
+    x = _inputs(n=3, L=6)
+    ex = empirical_ntk(m, x, params=scope, kernel="full")
+    ref = empirical_ntk(m, x, params=scope, mode="reference", kernel="full", groups=False)
+    assert rel(ex.kernel, ref.kernel) <= 1e-6
+    assert rel(sum(ex.groups.values()), ex.kernel) <= 1e-12
+
+
+@pytest.mark.parametrize("output", ["margin", "loss"])
+def test_scalar_outputs(bert, output):
+    x = _inputs(n=4)
+    ex = empirical_ntk(bert, x, output=output, kernel="trace")
+    ref = empirical_ntk(bert, x, output=output, mode="reference", kernel="trace")
+    assert ex.kernel.shape == (4, 4) and ex.o1 == 1
+    assert rel(ex.kernel, ref.kernel) <= 1e-6
+
+
+def test_row_blocks_with_recomputation_match(bert):
+    x = _inputs(n=7)
+    one = empirical_ntk(bert, x, kernel="full", chunk_size=2)
+    p = one.p
+    budget = 2 * 3 * p * 8 + 2 * 3 * p * 8 + 2 * 2 * 3 * 3 * 1024 * 8 + 3 * 3 * p * 8  # ~3 stored rows
+    blk = empirical_ntk(bert, x, kernel="full", chunk_size=2, max_memory=budget)
+    assert blk.info["row_block"] < 7 and blk.info["gradient_passes"] > 7
+    assert rel(blk.kernel, one.kernel) <= 1e-12
+    for g in one.groups:
+        assert rel(blk.groups[g], one.groups[g]) <= 1e-12
+
+
+def test_cross_kernel_is_block_of_joint_kernel(bert):
+    a, b = _inputs(n=3, seed=1), _inputs(n=4, seed=2)
+    from taskvec.ntk import as_batch
+
+    joint = empirical_ntk(bert, as_batch([a, b]), kernel="full").kernel
+    cross = empirical_ntk(bert, a, b, kernel="full").kernel
+    assert cross.shape == (3, 4, 3, 3)
+    assert rel(cross, joint[:3, 3:]) <= 1e-10
+
+
+def test_cross_task_with_other_head():
+    m1 = _bert(num_labels=3)
+    m2 = _bert(num_labels=2)
+    m2.backbone.load_state_dict(m1.backbone.state_dict())
+    a, b = _inputs(n=3, seed=1), _inputs(n=3, seed=2, num_labels=2)
+    ex = empirical_ntk(m1, a, b, model2=m2, kernel="full")
+    ref = empirical_ntk(m1, a, b, model2=m2, mode="reference", kernel="full")
+    assert ex.kernel.shape == (3, 3, 3, 2)
+    assert rel(ex.kernel, ref.kernel) <= 1e-6
+    with pytest.raises(NTKError, match="same number of outputs"):
+        empirical_ntk(m1, a, b, model2=m2, kernel="trace")
+    m3 = _bert(seed=5, num_labels=2)
+    with pytest.raises(NTKError, match="differs between the two models"):
+        empirical_ntk(m1, a, b, model2=m3)
+
+
+def test_sketch_unbiased_and_error_rate(bert):
+    x = _inputs(n=6)
+    sels = select_params(bert, "qkv")
+    F = jacobian_features(bert, x, mode="exact")
+    K = F.kernel(kind="trace")
+    J = {g: F.group(g) for g in F.groups}
+    errs = {}
+    for k in (32, 128, 512):
+        est = []
+        for s in range(24):
+            phi, _ = Projector(sels, k, seed=s).project(J)
+            est.append((phi.reshape(6, -1) @ phi.reshape(6, -1).T) / 3)
+        errs[k] = sum(rel(e, K) for e in est) / len(est)
+        if k == 32:
+            mean_err = rel(sum(est) / len(est), K)
+            assert mean_err <= 2.5 * errs[k] / math.sqrt(len(est))  # unbiased: error of the mean ~ 1/√S
+    for a, b in [(32, 128), (128, 512)]:
+        assert 1.5 <= errs[a] / errs[b] <= 2.7, errs  # ~ 1/√k: ratio 2 for a 4× larger k
+
+
+def test_sketch_mode_deterministic_and_shared_across_tasks(bert):
+    a, b = _inputs(n=3, seed=1), _inputs(n=4, seed=2)
+    fa = jacobian_features(bert, a, mode="sketch", sketch_dim=64, seed=7, chunk_size=2)
+    fb = jacobian_features(bert, b, mode="sketch", sketch_dim=64, seed=7, chunk_size=3)
+    from taskvec.ntk import as_batch
+
+    fab = jacobian_features(bert, as_batch([a, b]), mode="sketch", sketch_dim=64, seed=7, chunk_size=4)
+    assert torch.allclose(fab.features[:3], fa.features, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(fab.features[3:], fb.features, rtol=1e-5, atol=1e-7)
+    res = empirical_ntk(bert, a, b, mode="sketch", sketch_dim=64, seed=7, kernel="full")
+    assert torch.allclose(res.kernel, fa.kernel(fb, "full"), rtol=1e-4, atol=1e-8)
+    # group features sum to the full features (group kernels sum to K only in expectation)
+    fg = jacobian_features(bert, a, mode="sketch", sketch_dim=64, seed=7, per_group=True)
+    assert rel(sum(fg.groups.values()), fg.features) <= 1e-5
+
+
+def test_lora_params():
+    peft = pytest.importorskip("peft")
+    m = _bert()
+    m.backbone = peft.get_peft_model(m.backbone, peft.LoraConfig(r=2, target_modules=["query", "value"],
+                                                                 init_lora_weights=False))
+    m = m.double().eval()
+    x = _inputs(n=3)
+    ex = empirical_ntk(m, x, params="lora", output="margin", kernel="trace")
+    ref = empirical_ntk(m, x, params="lora", output="margin", mode="reference", kernel="trace")
+    assert rel(ex.kernel, ref.kernel) <= 1e-6
+    assert ex.p == 2 * 2 * (2 * 32 + 32 * 2)
+
+
+def test_bad_inputs(bert):
+    x = _inputs(n=3)
+    with pytest.raises(ScopeError, match="names look like"):
+        empirical_ntk(bert, x, params="re:no_such_param")
+    with pytest.raises(NTKError, match=r"needs .*B.*sketch"):
+        empirical_ntk(bert, x, max_memory=1000)
+    with pytest.raises(NTKError, match="labels"):
+        empirical_ntk(bert, {k: v for k, v in x.items() if k != "labels"}, output="margin")
+    with pytest.raises(NTKError, match="unknown mode"):
+        empirical_ntk(bert, x, mode="fast")
+    m = _bert()
+    with torch.no_grad():
+        m.backbone.embeddings.word_embeddings.weight[int(x["input_ids"][1, 0])] = float("nan")
+    with pytest.raises(NTKError, match="example 1 "):
+        empirical_ntk(m, x)
+
+
+def test_result_save_load(tmp_path, bert):
+    res = empirical_ntk(bert, _inputs(n=3), kernel="trace")
+    res.save(tmp_path / "k.safetensors")
+    back = type(res).load(tmp_path / "k.safetensors")
+    assert torch.equal(back.kernel, res.kernel) and set(back.groups) == set(res.groups)
+    assert back.meta()["n1"] == 3
