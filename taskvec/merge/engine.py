@@ -61,25 +61,25 @@ EMBED_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "embed_out", "share
 class Checkpoint:
     """Lazy safetensors tensors of a model directory (single file or sharded) or of one file.
 
-    ``info`` maps tensor name → (shape, safetensors dtype string), read from the headers only.
+    ``info`` maps tensor name → (shape, safetensors dtype string), read from the headers only. Tensors
+    are read with plain ``readinto`` into fresh tensors (no memory map), so resident memory holds only
+    the tensors in use, not the pages of every input file touched so far.
     """
 
     def __init__(self, path):
-        from safetensors import safe_open
-
-        self._safe_open = safe_open
         self.path = Path(path)
         self.where: dict[str, Path] = {}
         self.info: dict[str, tuple[tuple[int, ...], str]] = {}
         self.metadata: dict[str, str] = {}
-        self._handles = {}
+        self._offsets: dict[str, tuple[int, int]] = {}
+        index_path = self.path / "model.safetensors.index.json"
+        weight_map = None
         if self.path.is_file():
             files = [self.path]
-        elif (self.path / "model.safetensors.index.json").is_file():
-            index_path = self.path / "model.safetensors.index.json"
+        elif index_path.is_file():
             try:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise MergeError(f"{index_path}: not a safetensors index ({e})") from None
             files = sorted({self.path / f for f in weight_map.values()})
             for f in files:
@@ -93,33 +93,47 @@ class Checkpoint:
         else:
             raise MergeError(f"{self.path}: not found, or no model.safetensors / model.safetensors.index.json")
         for f in files:
-            h = self._open(f)
-            if not self.metadata:
-                self.metadata = dict(h.metadata() or {})
-            for k in h.keys():
-                sl = h.get_slice(k)
-                self.where[k] = f
-                self.info[k] = (tuple(sl.get_shape()), sl.get_dtype())
-        if (self.path / "model.safetensors.index.json").is_file():
+            self._read_header(f)
+        if weight_map is not None:
             for k, f in weight_map.items():
                 if k not in self.info:
                     raise MergeError(f"{index_path} lists tensor {k!r} in {f}, which does not contain it")
 
-    def _open(self, f: Path):
-        h = self._handles.get(f)
-        if h is None:
-            try:
-                h = self._safe_open(str(f), framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own SafetensorError / OSError
-                raise MergeError(f"cannot read safetensors file {f} (corrupted header?): {e}") from None
-            self._handles[f] = h
-        return h
+    def _read_header(self, f: Path) -> None:
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if n <= 0 or 8 + n > size:
+                    raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+                header = json.loads(fh.read(n))
+            start = 8 + n
+            for k, v in header.items():
+                if k == "__metadata__":
+                    if not self.metadata:
+                        self.metadata = dict(v or {})
+                    continue
+                a, b = v["data_offsets"]
+                shape, dt = tuple(int(x) for x in v["shape"]), v["dtype"]
+                nbytes = math.prod(shape) * torch.empty((), dtype=ST_DTYPES[dt]).element_size()
+                if not (0 <= a <= b and b - a == nbytes and start + b <= size):
+                    raise ValueError(f"tensor {k!r}: offsets {a}..{b} do not fit dtype {dt} shape {list(shape)}")
+                self.where[k], self.info[k], self._offsets[k] = f, (shape, dt), (start + a, start + b)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise MergeError(f"cannot read safetensors file {f} (corrupted header?): {e}") from None
 
     def get(self, name: str) -> torch.Tensor:
-        try:
-            return self._open(self.where[name]).get_tensor(name)
-        except Exception as e:
-            raise MergeError(f"cannot read tensor {name!r} from {self.where[name]}: {e}") from None
+        """Tensor ``name`` read into a new CPU tensor."""
+        shape, dt = self.info[name]
+        a, b = self._offsets[name]
+        t = torch.empty(shape, dtype=ST_DTYPES[dt])
+        if b > a:
+            with open(self.where[name], "rb") as fh:
+                fh.seek(a)
+                buf = t.view(-1).view(torch.uint8).numpy()
+                if fh.readinto(buf) != b - a:
+                    raise MergeError(f"{self.where[name]}: truncated data for tensor {name!r}")
+        return t
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.info[name][0]
