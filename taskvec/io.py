@@ -29,6 +29,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
     dest = check_output(path, overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
     except BaseException:
@@ -50,6 +51,7 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = True):
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield Path(tmp)
         os.replace(tmp, dest)
@@ -57,6 +59,12 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = True):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, obj, overwrite: bool = True) -> None:

