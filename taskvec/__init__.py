@@ -36,4 +36,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'taskvec' has no attribute {name!r}")
 
 
-__all__ = sorted(_EXPORTS) + ["merge"]
+__all__ = [*_EXPORTS, "merge"]  # noqa: PLE0604

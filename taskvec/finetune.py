@@ -20,7 +20,6 @@ last good weights, and says so in the log.
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import time
@@ -33,8 +32,19 @@ import torch.nn.functional as F
 
 from .errors import TaskvecError
 from .io import atomic_dir, check_output, write_json
-from .modeling import (HeadSpec, LabelWordHead, LinearHead, TaskModel, extract_features, fit_probe,
-                       is_decoder, label_word_ids, load_backbone, load_tokenizer, resolve_model)
+from .modeling import (
+    HeadSpec,
+    LabelWordHead,
+    LinearHead,
+    TaskModel,
+    extract_features,
+    fit_probe,
+    is_decoder,
+    label_word_ids,
+    load_backbone,
+    load_tokenizer,
+    resolve_model,
+)
 from .scopes import freeze_outside, lora_target_modules, partial_param_names, resolve_scope
 from .stopping import StopDecision, TrainContext, make_rule
 from .tasks import Batches, Splits, Task, load_task, make_splits
@@ -294,7 +304,7 @@ def finetune_task(base, task: Task, out_dir, config: FinetuneConfig | None = Non
         backbone_cfg_is_decoder = is_decoder(AutoConfig.from_pretrained(resolve_model(base)))
         if backbone_cfg_is_decoder and config.head in ("auto", "label_words"):
             prompt = task.prompt
-    mk = dict(max_length=config.max_length, prompt=prompt)
+    mk = {"max_length": config.max_length, "prompt": prompt}
     train = Batches(tok, task, splits.train, config.batch_size, shuffle=True, seed=config.seed, **mk)
     probe_batches = Batches(tok, task, splits.train, config.eval_batch_size, **mk)
     ev = dict(mk, sort_by_length=True)

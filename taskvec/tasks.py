@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-
 import json
 import random
 from dataclasses import dataclass, field
@@ -68,7 +67,7 @@ class Task:
         return len(self.label_names)
 
     @classmethod
-    def from_lists(cls, name: str, texts, labels, label_names=None, texts_b=None, **kw) -> "Task":
+    def from_lists(cls, name: str, texts, labels, label_names=None, texts_b=None, **kw) -> Task:
         """A task from in-memory lists; labels may be ints or strings (strings are mapped in sorted order)."""
         labels = list(labels)
         if label_names is None:
@@ -91,7 +90,7 @@ class Task:
 
     @classmethod
     def from_dataset(cls, dataset, name: str, text_column: str = "text", label_column: str = "label",
-                     text_pair_column: str | None = None, **kw) -> "Task":
+                     text_pair_column: str | None = None, **kw) -> Task:
         """A task from a ``datasets.Dataset`` (or any mapping of column name -> list)."""
         cols = list(getattr(dataset, "column_names", None) or dataset.keys())
         for c in [text_column, label_column] + ([text_pair_column] if text_pair_column else []):
@@ -160,8 +159,8 @@ def _subjectivity(seed: int = 0) -> Task:
     plot, reviews = [], []
     for r in _rt_rows():
         (plot if r["category"] == "plot" else reviews).append(r["text"])
-    plot = sorted(set(" ".join(t.split()) for t in plot if t.strip()))
-    reviews = sorted(set(" ".join(t.split()) for t in reviews if t.strip()) - set(plot))
+    plot = sorted({" ".join(t.split()) for t in plot if t.strip()})
+    reviews = sorted({" ".join(t.split()) for t in reviews if t.strip()} - set(plot))
     rng = random.Random(seed)
     reviews = rng.sample(reviews, min(len(plot), len(reviews)))  # balance the classes
     return _dedup("subjectivity", plot + reviews, [0] * len(plot) + [1] * len(reviews),
@@ -307,11 +306,11 @@ class Splits:
         return {"seed": self.seed, "info": self.info, "train": self.train, "val": self.val, "test": self.test}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Splits":
+    def from_json(cls, d: dict) -> Splits:
         return cls(list(d["train"]), list(d["val"]), list(d["test"]), d.get("seed", 0), d.get("info", {}))
 
 
-def make_splits(task: Task, seed: int = 0, test_size: int | float = 1000, val_size: int | float = 500,
+def make_splits(task: Task, seed: int = 0, test_size: float = 1000, val_size: float = 500,
                 max_train: int | None = None, max_test_fraction: float = 0.2,
                 max_val_fraction: float = 0.1) -> Splits:
     """Seeded, stratified train/validation/test split.
@@ -332,7 +331,7 @@ def make_splits(task: Task, seed: int = 0, test_size: int | float = 1000, val_si
                         "into train/validation/test")
 
     def size(s, frac):
-        k = int(round(s * n)) if isinstance(s, float) and s < 1 else int(s)
+        k = round(s * n) if isinstance(s, float) and s < 1 else int(s)
         return max(1, min(k, int(frac * n)))
 
     n_test, n_val = size(test_size, max_test_fraction), size(val_size, max_val_fraction)
@@ -396,7 +395,7 @@ class Batches:
         a, b = task_texts(task, self.indices, prompt)
         enc = tokenizer(a, b, truncation=True, max_length=max_length) if b else tokenizer(a, truncation=True,
                                                                                         max_length=max_length)
-        self._enc = [{k: enc[k][i] for k in enc.keys()} for i in range(len(a))]
+        self._enc = [{k: enc[k][i] for k in enc} for i in range(len(a))]
         self.labels = torch.tensor([task.labels[i] for i in self.indices], dtype=torch.long)
         self.sort_by_length = sort_by_length and not shuffle
 

@@ -2,15 +2,15 @@ import json
 
 import pytest
 import torch
+from conftest import toy_task
 
-from taskvec.errors import OutputExistsError, TaskvecError
+from taskvec.errors import OutputExistsError
 from taskvec.finetune import FinetuneConfig, extract_vectors, finetune, finetune_task
 from taskvec.modeling import ModelError, load_backbone, load_task_model, resolve_model
 from taskvec.stopping import Patience, make_rule
 from taskvec.task_vector import TaskVector
-from conftest import toy_task
 
-FAST = dict(max_steps=12, eval_every=4, lr=1e-3, test_size=24, val_size=16, device="cpu", batch_size=8)
+FAST = {"max_steps": 12, "eval_every": 4, "lr": 1e-3, "test_size": 24, "val_size": 16, "device": "cpu", "batch_size": 8}
 
 
 def test_patience_stops_on_plateau():

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModel, GPT2Config, GPT2Model
+from transformers import GPT2Config, GPT2Model
 
 from taskvec.errors import BaseMismatchError, ShapeMismatchError, TaskvecError
 from taskvec.modeling import HeadSpec, LinearHead, TaskModel, load_backbone

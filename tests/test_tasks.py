@@ -1,10 +1,10 @@
 import json
 
 import pytest
+from conftest import toy_task
 
 from taskvec.errors import DataError
-from taskvec.tasks import Task, check_splits, load_task, load_task_file, make_splits, Splits
-from conftest import toy_task
+from taskvec.tasks import Splits, Task, check_splits, load_task, load_task_file, make_splits
 
 
 def test_splits_are_deterministic_stratified_and_disjoint():
