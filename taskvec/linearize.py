@@ -1,0 +1,175 @@
+"""The linearised model: f(x; θ0 + Δ) ≈ f(x; θ0) + J(x)·Δ (+ ½·D²f(x; θ0)[Δ, Δ]).
+
+Jacobian-vector products are computed with forward-mode AD (``torch.func.jvp`` over
+``torch.func.functional_call``), never by forming J. Only the tensors that Δ touches are primals; every
+other parameter and buffer stays fixed. The second directional derivative comes from a nested JVP.
+Forward-mode AD has no rule for fused SDPA attention: load models with ``attn_implementation="eager"``
+(the default of :func:`taskvec.modeling.load_backbone` / ``load_task_model``).
+
+Known PyTorch pitfall (found here, torch 2.13): forward-over-forward AD through the native
+``layer_norm`` kernel gives a wrong second derivative (errors of order 1 on random inputs), while
+first-order JVPs are right. The nested JVP therefore runs with ``F.layer_norm`` replaced by its
+composite definition (mean, variance, rsqrt), which is tested against finite differences.
+
+Shapes: a batch of ``B`` examples with ``o`` outputs (class logits) gives ``f0``, ``Jd`` and ``Hdd`` of
+shape ``(B, o)``; over a whole split ``(n, o)``. Deltas are dicts ``{backbone-relative name: tensor}``
+(a :class:`~taskvec.task_vector.TaskVector`'s ``deltas``) in the units of the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+
+from .errors import TaskvecError
+
+
+def _composite_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    dims = tuple(range(-len(normalized_shape), 0))
+    mu = x.mean(dims, keepdim=True)
+    var = ((x - mu) ** 2).mean(dims, keepdim=True)
+    y = (x - mu) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+@contextlib.contextmanager
+def composite_layer_norm():
+    """Temporarily route ``torch.nn.functional.layer_norm`` through its composite definition."""
+    import torch.nn.functional as F
+
+    native = F.layer_norm
+    F.layer_norm = _composite_layer_norm
+    try:
+        yield
+    finally:
+        F.layer_norm = native
+
+
+def _backbone_prefix(model: nn.Module) -> str:
+    return "backbone." if hasattr(model, "backbone") else ""
+
+
+def _primals_and_tangents(model: nn.Module, deltas: dict[str, torch.Tensor]):
+    params = dict(model.named_parameters())
+    pre = _backbone_prefix(model)
+    names, primals, tangents = [], [], []
+    for k, d in deltas.items():
+        name = pre + k if pre + k in params else k
+        if name not in params:
+            raise TaskvecError(f"tensor {k!r} of the delta is not a parameter of {type(model).__name__}")
+        p = params[name]
+        if p.shape != d.shape:
+            raise TaskvecError(f"tensor {k!r}: delta shape {tuple(d.shape)} vs parameter shape {tuple(p.shape)}")
+        names.append(name)
+        primals.append(p.detach())
+        tangents.append(d.to(p.device, p.dtype))
+    return names, tuple(primals), tuple(tangents)
+
+
+def _call(model, names, batch):
+    def f(*ps):
+        out = functional_call(model, dict(zip(names, ps)),
+                              (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")),
+                              strict=False)
+        return out.float()
+    return f
+
+
+def jvp_batch(model: nn.Module, batch: dict, deltas: dict[str, torch.Tensor], second_order: bool = False):
+    """``(f0, J·Δ, D²f[Δ, Δ] or None)`` on one tokenised batch, each ``(B, o)`` float32.
+
+    ``model`` is in eval mode for the call (dropout off). ``second_order`` costs a nested JVP.
+    """
+    was = model.training
+    model.eval()
+    try:
+        names, primals, tangents = _primals_and_tangents(model, deltas)
+        f = _call(model, names, batch)
+        if not second_order:
+            f0, jd = jvp(f, primals, tangents)
+            return f0.detach(), jd.detach(), None
+
+        def first(*ps):
+            return jvp(f, ps, tangents)
+
+        with composite_layer_norm():
+            (f0, jd), (_, hdd) = jvp(first, primals, tangents)
+        return f0.detach(), jd.detach(), hdd.detach()
+    finally:
+        model.train(was)
+
+
+@dataclass
+class Directional:
+    """Outputs of one model on one split along several directions.
+
+    Attributes:
+        f0: ``(n, o)`` outputs at θ0.
+        labels: ``(n,)`` integer labels.
+        jvps: ``{direction name: (n, o)}`` first-order changes J·Δ.
+        hvps: ``{direction name: (n, o)}`` second directional derivatives D²f[Δ, Δ] (when requested).
+    """
+
+    f0: torch.Tensor
+    labels: torch.Tensor
+    jvps: dict
+    hvps: dict
+
+    def predict(self, coefs: dict[str, float], second_order: bool = False) -> torch.Tensor:
+        """Predicted outputs ``f0 + Σ_d c_d·J·Δ_d`` (``(n, o)``).
+
+        With ``second_order`` and directions that were computed with Hessian terms, adds the diagonal
+        second-order terms ``½·Σ_d c_d²·D²f[Δ_d, Δ_d]`` (cross terms between directions are not included;
+        compute the merged direction itself for the exact second-order term along it).
+        """
+        out = self.f0.clone()
+        for d, c in coefs.items():
+            out += c * self.jvps[d]
+            if second_order and d in self.hvps:
+                out += 0.5 * c * c * self.hvps[d]
+        return out
+
+
+def directional_outputs(model: nn.Module, batches, directions: dict[str, dict[str, torch.Tensor]],
+                        second_order: bool = False, device=None) -> Directional:
+    """f0 and J·Δ_d for every direction ``d`` over all batches (one JVP per direction per batch)."""
+    f0s, ys = [], []
+    jv: dict[str, list] = {d: [] for d in directions}
+    hv: dict[str, list] = {d: [] for d in directions} if second_order else {}
+    for b in batches:
+        if device is not None:
+            b = {k: v.to(device) for k, v in b.items()}
+        f0 = None
+        for d, delta in directions.items():
+            f, j, h = jvp_batch(model, b, delta, second_order)
+            f0 = f if f0 is None else f0
+            jv[d].append(j.cpu())
+            if second_order:
+                hv[d].append(h.cpu())
+        if f0 is None:
+            with torch.no_grad():
+                model.eval()
+                f0 = model(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float()
+        f0s.append(f0.cpu())
+        ys.append(b["labels"].cpu())
+    return Directional(torch.cat(f0s), torch.cat(ys), {d: torch.cat(v) for d, v in jv.items()},
+                       {d: torch.cat(v) for d, v in hv.items()})
+
+
+def relative_linearisation_error(f_true: torch.Tensor, f0: torch.Tensor, f_lin: torch.Tensor) -> float:
+    """‖f(θ0+Δ) − f_lin‖ / ‖f(θ0+Δ) − f0‖ over all examples and outputs (the trust signal)."""
+    den = float((f_true - f0).norm())
+    return float((f_true - f_lin).norm()) / den if den > 0 else 0.0
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of argmax predictions equal to the labels."""
+    return float((logits.argmax(-1) == labels).float().mean())

@@ -1,0 +1,94 @@
+import torch
+from transformers import BertConfig, BertModel
+
+from taskvec.linearize import directional_outputs, jvp_batch, relative_linearisation_error
+from taskvec.modeling import HeadSpec, LinearHead, TaskModel
+
+
+def tiny(dtype=torch.float64):
+    torch.manual_seed(0)
+    bb = BertModel(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=32, attn_implementation="eager"))
+    m = TaskModel(bb, LinearHead(16, 3), HeadSpec("linear", "mean", 3)).to(dtype).eval()
+    return m
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 60, (4, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    mask[3, 3:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2, 0])}
+
+
+def delta(m, scale=1.0, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return {n[len("backbone."):]: scale * torch.randn(p.shape, generator=g, dtype=p.dtype)
+            for n, p in m.named_parameters() if "attention.self" in n and n.endswith("weight")}
+
+
+def shifted(m, d, eps):
+    import copy
+    m2 = copy.deepcopy(m)
+    params = dict(m2.backbone.named_parameters())
+    with torch.no_grad():
+        for k, v in d.items():
+            params[k].add_(eps * v)
+    return m2
+
+
+def f(m, b):
+    with torch.no_grad():
+        return m(b["input_ids"], b["attention_mask"]).double()
+
+
+def test_layer_norm_second_order_workaround():
+    """Forward-over-forward AD through native layer_norm is wrong in some torch versions; ours is not."""
+    from torch.func import jvp
+
+    from taskvec.linearize import _composite_layer_norm
+    g = torch.Generator().manual_seed(0)
+    x, t, w, b = (torch.randn(s, generator=g, dtype=torch.float64) for s in [(5, 8), (5, 8), (8,), (8,)])
+    fn = lambda x: _composite_layer_norm(x, (8,), w, b, 1e-12)
+    ad = jvp(lambda x: jvp(fn, (x,), (t,))[1], (x,), (t,))[1]
+    e = 1e-4
+    fd = (fn(x + e * t) - 2 * fn(x) + fn(x - e * t)) / e ** 2
+    assert torch.allclose(ad, fd, atol=1e-5)
+    assert torch.allclose(fn(x), torch.nn.functional.layer_norm(x, (8,), w, b, 1e-12), atol=1e-12)
+
+
+def test_jvp_and_second_order_match_finite_differences():
+    m, b = tiny(), batch()
+    d = delta(m)
+    f0, jd, hdd = jvp_batch(m, b, d, second_order=True)
+    eps = 1e-4
+    fp, fm = f(shifted(m, d, eps), b), f(shifted(m, d, -eps), b)
+    fd1 = (fp - fm) / (2 * eps)
+    fd2 = (fp - 2 * f(m, b) + fm) / eps ** 2
+    # outputs are cast to float32 by jvp_batch: compare at float32 resolution
+    assert torch.allclose(jd.double(), fd1, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(hdd.double(), fd2, rtol=1e-3, atol=1e-4)
+
+
+def test_second_order_prediction_beats_first_order_for_small_steps():
+    m, b = tiny(), batch()
+    d = delta(m, 0.05)
+    dirs = directional_outputs(m, [b], {"d": d}, second_order=True)
+    true = f(shifted(m, d, 1.0), b).float()
+    e1 = relative_linearisation_error(true, dirs.f0, dirs.predict({"d": 1.0}))
+    e2 = relative_linearisation_error(true, dirs.f0, dirs.predict({"d": 1.0}, second_order=True))
+    assert e2 < e1 < 0.5
+
+
+def test_linear_in_parameters_predictions_are_exact():
+    """Perturbing only the (linear) head's input path: a model linear in its parameters is predicted exactly."""
+    m, b = tiny(), batch()
+    # the classifier weight enters linearly: f = pooled @ W.T + b, so f0 + J·Δ is exact
+    g = torch.Generator().manual_seed(5)
+    dw = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    dirs = directional_outputs(m, [b], {"head": {"head.linear.weight": dw}}, second_order=True)
+    with torch.no_grad():
+        m.head.linear.weight.add_(dw)
+    assert torch.allclose(dirs.predict({"head": 1.0}), f(m, b).float(), atol=1e-5)
+    assert dirs.hvps["head"].abs().max() < 1e-6
