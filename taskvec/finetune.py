@@ -47,7 +47,7 @@ from .modeling import (
 )
 from .scopes import freeze_outside, lora_target_modules, partial_param_names, resolve_scope
 from .stopping import StopDecision, TrainContext, make_rule
-from .tasks import Batches, Splits, Task, load_task, make_splits
+from .tasks import Batches, Splits, Task, load_task, make_splits, save_task
 
 
 @dataclass
@@ -455,6 +455,7 @@ def finetune_task(base, task: Task, out_dir, config: FinetuneConfig | None = Non
                           "val_accuracy": base_val["accuracy"] if base_val else None},
                 "test": final_test, "label_names": task.label_names})
             write_json(tmp / "split.json", splits.to_json())
+            save_task(task, tmp / "task.json")
         shutil.rmtree(ckpt, ignore_errors=True)
     acc.wait_for_everyone()
     return result

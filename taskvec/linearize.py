@@ -173,3 +173,42 @@ def relative_linearisation_error(f_true: torch.Tensor, f0: torch.Tensor, f_lin: 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of argmax predictions equal to the labels."""
     return float((logits.argmax(-1) == labels).float().mean())
+
+
+def vjp_params(model: nn.Module, batches, cotangents: torch.Tensor, names: list[str], device=None
+               ) -> dict[str, torch.Tensor]:
+    """Jᵀ·w: Σ_i Σ_a w[i, a]·∂f_a(x_i)/∂θ for the parameters ``names`` (backbone-relative or full names).
+
+    ``cotangents`` has shape ``(n, o)`` in the order of the batches' examples. Returns ``{name: tensor}``
+    with the parameters' shapes (float32), keyed as given. One reverse pass per batch.
+    """
+    params = dict(model.named_parameters())
+    pre = _backbone_prefix(model)
+    full = [pre + k if pre + k in params else k for k in names]
+    out = {k: torch.zeros_like(params[f], dtype=torch.float32) for k, f in zip(names, full)}
+    was = model.training
+    model.eval()
+    req = {f: params[f].requires_grad for f in full}
+    try:
+        for f in full:
+            params[f].requires_grad_(True)
+        start = 0
+        for b in batches:
+            if device is not None:
+                b = {k: v.to(device) for k, v in b.items()}
+            n = b["input_ids"].shape[0]
+            w = cotangents[start:start + n].to(params[full[0]].device)
+            start += n
+            with torch.enable_grad():
+                y = model(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float()
+                grads = torch.autograd.grad((y * w).sum(), [params[f] for f in full], allow_unused=True)
+            for k, g in zip(names, grads):
+                if g is not None:
+                    out[k] += g.float()
+        if start != cotangents.shape[0]:
+            raise TaskvecError(f"cotangents have {cotangents.shape[0]} rows for {start} examples")
+    finally:
+        for f, r in req.items():
+            params[f].requires_grad_(r)
+        model.train(was)
+    return out

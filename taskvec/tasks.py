@@ -289,6 +289,22 @@ def load_task_file(path, text_column: str = "text", label_column: str = "label",
                            [r[text_pair_column] for r in rows] if text_pair_column else None, **kw)
 
 
+def save_task(task: Task, path) -> None:
+    """Write a task's data as JSON (saved with each fine-tuned task so a run is self-contained)."""
+    from .io import write_json
+
+    write_json(path, {"name": task.name, "texts": task.texts, "labels": task.labels,
+                      "label_names": task.label_names, "texts_b": task.texts_b,
+                      "label_words": task.label_words, "prompt": task.prompt})
+
+
+def load_saved_task(path) -> Task:
+    """Read a task written by :func:`save_task`."""
+    d = json.loads(Path(path).read_text())
+    return Task(d["name"], d["texts"], d["labels"], d["label_names"], d.get("texts_b"), d.get("label_words"),
+                d.get("prompt", "{text}\nAnswer:"))
+
+
 # --- splits ----------------------------------------------------------------------------------------
 
 

@@ -16,8 +16,17 @@ def minilm_tokenizer_dir():
 
 def save_tiny(path, kind: str = "bert", seed: int = 0):
     """A tiny random model of ``kind`` (bert, llama, gpt2, neox) with MiniLM's tokenizer, saved at ``path``."""
-    from transformers import (AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2Model, GPTNeoXConfig,
-                              GPTNeoXModel, LlamaConfig, LlamaModel)
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertModel,
+        GPT2Config,
+        GPT2Model,
+        GPTNeoXConfig,
+        GPTNeoXModel,
+        LlamaConfig,
+        LlamaModel,
+    )
 
     torch.manual_seed(seed)
     V = 30522
@@ -68,3 +77,16 @@ def toy_task(name="toy", n=120, seed=0):
         texts.append(" ".join(w) + f" {i}")
         labels.append(y)
     return Task(name, texts, labels, ["neg", "pos"])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_bert):
+    """A finished fine-tuning run (3 toy tasks on the tiny BERT) with extracted task vectors."""
+    from taskvec.finetune import FinetuneConfig, extract_vectors, finetune
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    cfg = FinetuneConfig(max_steps=16, eval_every=8, lr=3e-3, test_size=30, val_size=16, device="cpu")
+    finetune(tiny_bert, [toy_task("a", n=150), toy_task("b", n=150, seed=1), toy_task("c", n=150, seed=2)],
+             out, cfg, progress=False)
+    extract_vectors(out)
+    return out

@@ -92,3 +92,16 @@ def test_linear_in_parameters_predictions_are_exact():
         m.head.linear.weight.add_(dw)
     assert torch.allclose(dirs.predict({"head": 1.0}), f(m, b).float(), atol=1e-5)
     assert dirs.hvps["head"].abs().max() < 1e-6
+
+
+def test_vjp_is_the_adjoint_of_jvp():
+    """⟨w, J·v⟩ = ⟨Jᵀ·w, v⟩ for random v, w (float64)."""
+    from taskvec.linearize import vjp_params
+    m, b = tiny(), batch()
+    v = delta(m, seed=3)
+    _, jv, _ = jvp_batch(m, b, v)
+    w = torch.randn(jv.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    jtw = vjp_params(m, [b], w, list(v))
+    lhs = float((w * jv.double()).sum())
+    rhs = sum(float((jtw[k].double() * v[k]).sum()) for k in v)
+    assert abs(lhs - rhs) <= 1e-5 * max(1.0, abs(lhs))

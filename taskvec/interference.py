@@ -1,0 +1,511 @@
+"""Explain, predict and validate task-vector merges through the base model's linearisation and eNTK.
+
+For a fine-tuning run with task vectors τ_t (``RUN/vectors``) and per-task heads, :func:`validate_run`
+
+* **predicts** every task's outputs under a merge θ0 + Δ from the linearised model
+  f0 + J·Δ (+ ½·D²f[Δ, Δ]), using Jacobian-vector products only. Task-arithmetic merges
+  θ0 + Σ_t α_t τ_t are linear in the α's, so after one JVP per (task, vector) pair every coefficient
+  setting is predicted for free; other methods (TIES, TSV, ...) cost one JVP per merge and task;
+* **measures** the same merges by building them and evaluating each task on its evaluation subset
+  with its own head, and reports predicted vs measured accuracy (Spearman on accuracy changes, mean
+  absolute error), the linearisation error ‖f(θ0+Δ) − f_lin‖ / ‖f(θ0+Δ) − f0‖ as a trust signal (a
+  prediction whose relative logit error exceeds ``threshold`` is flagged untrusted), normalised accuracy,
+  the interference matrix I[s, t] (accuracy change of task s caused by τ_t alone), and the
+  disentanglement error ξ of every pair (Ortiz-Jimenez et al.);
+* **explains** through the eNTK (:mod:`taskvec.ntk`) of each task at θ0: the overlap of the tasks' top-r
+  parameter-space eigenspaces ``‖V_Aᵀ V_B‖_F² / r`` computed from the cross-task kernel (random baseline
+  r/p, split-half same-task ceiling), and the share of ‖τ_t‖² inside task s's top-r eigenspace;
+* **chooses coefficients** by maximising the predicted average normalised accuracy (global λ, and one
+  per task), with one full evaluation instead of a grid search;
+* builds an **NTK-aware merge**: each τ_t minus its projection on the other tasks' top-r eigenspaces
+  (P_s τ = J_sᵀ U_s Σ_s⁻² U_sᵀ J_s τ, one JVP and one VJP per pair), then added.
+
+Definitions: ``../shared/THEORY.md`` ("Linearised predictions", "Eigenspaces and overlaps"). All results
+are plain JSON (``RUN/validation/results.json``); figures are drawn from it by :mod:`taskvec.report`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import TaskvecError
+from .io import write_json
+from .linearize import Directional, accuracy, directional_outputs, relative_linearisation_error, vjp_params
+
+
+@dataclass
+class MergeSpec:
+    """One merge to predict and measure: a registered method of :mod:`taskvec.merge` (or ``ntk_aware``)
+    and its parameters (``lambda``, ``density``, ...)."""
+
+    name: str
+    method: str
+    params: dict = field(default_factory=dict)
+
+
+DEFAULT_MERGES = [
+    MergeSpec("task_arithmetic λ=0.5", "task_arithmetic", {"lambda": 0.5}),
+    MergeSpec("task_arithmetic λ=1", "task_arithmetic", {"lambda": 1.0}),
+    MergeSpec("ties d=0.2", "ties", {"density": 0.2, "lambda": 1.0}),
+    MergeSpec("tsv", "tsv", {"lambda": 1.0}),
+]
+DEFAULT_LAMBDAS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.2]
+
+
+# --- merging task vectors in memory ---------------------------------------------------------------------
+
+
+def merge_vectors(vectors: list, method: str, base_state: dict[str, torch.Tensor], **params) -> dict:
+    """Merged delta ``{name: Δ}`` of task vectors with a registered merge method, in memory.
+
+    Per-model parameters (``weight``, ``density``, ``gamma``) may be scalars or lists of T values; random
+    methods get a per-tensor seed derived from ``seed`` and the tensor name, as the streaming engine does.
+    """
+    from .merge.engine import _tensor_seed
+    from .merge.methods import get_method
+
+    m = get_method(method)
+    T = len(vectors)
+    unknown = set(params) - set(m.param_names)
+    if unknown:
+        raise TaskvecError(f"unknown parameters {sorted(unknown)} for {method}; valid: {m.param_names}")
+    kw = {}
+    for p in m.params:
+        v = params.get(p.name, p.default)
+        kw[p.name] = (list(v) if isinstance(v, (list, tuple)) else [v] * T) if p.per_model else v
+    weights = kw.pop("weight")
+    names = sorted(set().union(*[v.deltas for v in vectors]))
+    out = {}
+    for name in names:
+        base = base_state[name].float()
+        deltas = [v.deltas[name].float().clone() if name in v.deltas else torch.zeros_like(base) for v in vectors]
+        call = dict(kw)
+        if m.random:
+            call["seed"] = _tensor_seed(int(kw.get("seed", 0)), name)
+        out[name] = m(base, deltas, list(weights), **call)
+    return out
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+def _spearman(a, b) -> float | None:
+    from scipy.stats import spearmanr
+
+    if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
+        return None
+    return float(spearmanr(a, b).statistic)
+
+
+def _add(a: dict, b: dict, cb: float = 1.0) -> dict:
+    out = {k: v.clone() for k, v in a.items()}
+    for k, v in b.items():
+        out[k] = out[k] + cb * v if k in out else cb * v
+    return out
+
+
+def _scale(a: dict, c: float) -> dict:
+    return {k: c * v for k, v in a.items()}
+
+
+class _Backbone:
+    """One shared backbone whose scope tensors can be set to θ0 + Δ and restored exactly."""
+
+    def __init__(self, backbone, names):
+        self.bb = backbone
+        self.params = dict(backbone.named_parameters())
+        self.orig = {k: self.params[k].detach().clone() for k in names}
+
+    @torch.no_grad()
+    def set(self, delta: dict | None):
+        for k, v in self.orig.items():
+            self.params[k].copy_(v)
+        for k, d in (delta or {}).items():
+            self.params[k].add_(d.to(self.params[k].device, self.params[k].dtype))
+
+
+@torch.no_grad()
+def _logits(model, batches, device) -> torch.Tensor:
+    model.eval()
+    out = []
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        out.append(model(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float().cpu())
+    return torch.cat(out)
+
+
+def _xi(f_single: list[torch.Tensor], f_joint: list[torch.Tensor]) -> float:
+    """Σ_t mean 1{argmax f_single_t ≠ argmax f_joint_t} over the two tasks."""
+    return float(sum((a.argmax(-1) != b.argmax(-1)).float().mean() for a, b in zip(f_single, f_joint)))
+
+
+# --- eigenspaces ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Eigenspace:
+    """Top-r eigenpairs of one task's multi-output kernel K (n·o × n·o, unnormalised), on its kernel inputs."""
+
+    U: torch.Tensor  # (n·o, r) float64
+    S2: torch.Tensor  # (r,) eigenvalues = squared singular values of J
+    eigenvalues: torch.Tensor  # all eigenvalues, descending (float64)
+
+
+def top_eigenspace(K: torch.Tensor, r: int) -> Eigenspace:
+    """Symmetrise, ``eigh`` in float64, keep the top-r positive eigenpairs."""
+    K = K.double()
+    K = 0.5 * (K + K.T)
+    w, V = torch.linalg.eigh(K)
+    w, V = w.flip(0), V.flip(1)
+    keep = int(min(r, int((w > w[0] * 1e-10).sum())))
+    return Eigenspace(V[:, :keep], w[:keep], w)
+
+
+def subspace_overlap(A: Eigenspace, B: Eigenspace, K_AB: torch.Tensor) -> dict:
+    """Overlap of the parameter-space eigenspaces V_A = J_Aᵀ U_A Σ_A⁻¹ and V_B from the cross kernel.
+
+    ``K_AB = J_A J_Bᵀ`` of shape (n_A·o_A, n_B·o_B). Returns ``overlap = ‖V_Aᵀ V_B‖_F² / r`` (r = min rank)
+    and the principal-angle cosines (singular values of V_Aᵀ V_B).
+    """
+    M = (A.U.T @ K_AB.double() @ B.U) / torch.sqrt(A.S2)[:, None] / torch.sqrt(B.S2)[None, :]
+    r = min(M.shape)
+    cos = torch.linalg.svdvals(M)
+    return {"overlap": float((M ** 2).sum()) / r, "cosines": [float(c) for c in cos[:r]]}
+
+
+def _flat_kernel(res) -> torch.Tensor:
+    """(n1, n2, o1, o2) kernel → (n1·o1, n2·o2) matrix, rows ordered (example, output)."""
+    K = res.kernel if hasattr(res, "kernel") else res
+    n1, n2, o1, o2 = K.shape
+    return K.permute(0, 2, 1, 3).reshape(n1 * o1, n2 * o2)
+
+
+# --- the validation ----------------------------------------------------------------------------------------
+
+
+def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 500, n_kernel: int = 128,
+                 rank: int = 20, lambdas: list[float] | None = None, second_order: bool = True,
+                 threshold: float = 0.25, ntk_aware: bool = True, device: str | None = None,
+                 out: str | Path | None = None, progress: bool = True) -> dict:
+    """Predict, measure and explain merges of a run's task vectors; write ``RUN/validation/results.json``.
+
+    Args:
+        run_dir: a run with ``finetune/<task>/`` and ``vectors/<task>.safetensors``.
+        merges: merges to predict and measure (default :data:`DEFAULT_MERGES`).
+        n_eval: evaluation examples per task (a seeded subset of its test split).
+        n_kernel: training examples per task for the eNTK eigenspaces.
+        rank: r of the top-r eigenspaces.
+        lambdas: the global-λ grid of the grid-search baseline (task arithmetic).
+        second_order: add the nested-JVP second-order term along each merge direction.
+        threshold: relative logit error above which a prediction is flagged untrusted.
+        ntk_aware: also build, predict and measure the NTK-aware merge.
+    """
+    from tqdm.auto import tqdm
+
+    from .finetune import load_run
+    from .modeling import load_backbone, load_task_model, load_tokenizer
+    from .task_vector import TaskVector
+    from .tasks import Batches, Splits, load_saved_task, load_task
+
+    t_start = time.time()
+    run_dir = Path(run_dir)
+    meta = load_run(run_dir)
+    names = list(meta["tasks"])
+    T = len(names)
+    if T < 2:
+        raise TaskvecError(f"{run_dir}: validation needs at least two tasks, found {names}")
+    merges = list(DEFAULT_MERGES if merges is None else merges)
+    lambdas = list(DEFAULT_LAMBDAS if lambdas is None else lambdas)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    vec_paths = {t: run_dir / "vectors" / f"{t}.safetensors" for t in names}
+    missing = [t for t, p in vec_paths.items() if not p.exists()]
+    if missing:
+        raise TaskvecError(f"{run_dir}: no task vectors for {missing}; run `taskvec vectors {run_dir}` first")
+    vectors = {t: TaskVector.load(p) for t, p in vec_paths.items()}
+    fps = {v.base_fingerprint for v in vectors.values()}
+    if len(fps) > 1:
+        raise TaskvecError(f"task vectors of {run_dir} come from different base models: {sorted(fps)}")
+    scopes = {v.scope for v in vectors.values()}
+    if len(scopes) > 1:
+        raise TaskvecError(f"task vectors of {run_dir} have different scopes: {sorted(scopes)}")
+
+    tok = load_tokenizer(meta["base_model"])
+    bb = load_backbone(meta["base_model"], attn_implementation="eager").to(device)
+    keys = sorted(set().union(*[v.deltas for v in vectors.values()]))
+    shared = _Backbone(bb, keys)
+    base_state = {k: shared.orig[k].cpu() for k in keys}
+    models, eval_batches, kernel_batches, ft_acc_log = {}, {}, {}, {}
+    for t in names:
+        d = run_dir / "finetune" / t
+        models[t] = load_task_model(d, backbone=bb)
+        log = json.loads((d / "log.json").read_text())
+        spec = json.loads((d / "head.json").read_text())
+        ft_acc_log[t] = log["test_accuracy"]
+        split = Splits.from_json(json.loads((d / "split.json").read_text()))
+        task = load_saved_task(d / "task.json") if (d / "task.json").exists() else load_task(t)
+        rng = np.random.default_rng(0)
+        test = sorted(rng.permutation(split.test)[:n_eval].tolist())
+        train = sorted(rng.permutation(split.train)[:n_kernel].tolist())
+        prompt = spec.get("prompt") if spec.get("kind") == "label_words" else None
+        ml = log.get("config", {}).get("max_length", 128)
+        eval_batches[t] = Batches(tok, task, test, 64, max_length=ml, prompt=prompt, sort_by_length=True)
+        kernel_batches[t] = Batches(tok, task, train, 64, max_length=ml, prompt=prompt)
+
+    # merged deltas of the configured merges (task arithmetic is also predicted from the τ directions)
+    tvs = [vectors[t] for t in names]
+    merge_deltas = {m.name: merge_vectors(tvs, m.method, base_state, **m.params)
+                    for m in merges if m.method != "ntk_aware"}
+    sum_tau = {k: sum(v.deltas[k].float() for v in tvs if k in v.deltas) for k in keys}
+
+    # --- eigenspaces (eNTK at θ0 with each task's head) and the NTK-aware merge
+    eigen: dict = {}
+    spaces: dict[str, Eigenspace] = {}
+    if ntk_aware or rank > 0:
+        from .ntk import as_batch, empirical_ntk
+
+        scope = meta["scope"] if meta["scope"] != "lora" else "re:" + "|".join(k.replace(".", r"\.") for k in keys)
+        kin = {t: as_batch(list(kernel_batches[t]), device) for t in names}
+        Ks = {}
+        for t in tqdm(names, desc="eNTK per task", disable=not progress):
+            Ks[t] = _flat_kernel(empirical_ntk(models[t], kin[t], params=scope, kernel="full", groups=False))
+            spaces[t] = top_eigenspace(Ks[t], rank)
+        p_total = sum(base_state[k].numel() for k in keys)
+        overlap = np.eye(T)
+        for i, a in enumerate(names):
+            for j in range(i + 1, T):
+                b = names[j]
+                Kab = _flat_kernel(empirical_ntk(models[a], kin[a], kin[b], params=scope, kernel="full",
+                                                 model2=models[b], groups=False))
+                overlap[i, j] = overlap[j, i] = subspace_overlap(spaces[a], spaces[b], Kab)["overlap"]
+        split_half = {}
+        for t in names:
+            n = kin[t]["input_ids"].shape[0]
+            o = Ks[t].shape[0] // n
+            h = (n // 2) * o
+            K = Ks[t]
+            r_half = min(rank, h // 2)
+            A, B = top_eigenspace(K[:h, :h], r_half), top_eigenspace(K[h:2 * h, h:2 * h], r_half)
+            split_half[t] = subspace_overlap(A, B, K[:h, h:2 * h])["overlap"]
+        # where each task vector lives: share of ‖τ_t‖² in task s's top-r eigenspace (J_s τ_t by JVP)
+        energy = np.zeros((T, T))
+        jtau = {}
+        for i, s in enumerate(names):
+            dirs = directional_outputs(models[s], kernel_batches[s], {t: vectors[t].deltas for t in names},
+                                       device=device)
+            for j, t in enumerate(names):
+                jt = dirs.jvps[t].double().reshape(-1)
+                jtau[(s, t)] = jt
+                coef = (spaces[s].U.T @ jt) / torch.sqrt(spaces[s].S2)
+                energy[i, j] = float((coef ** 2).sum()) / vectors[t].norm() ** 2
+        eigen = {"rank": rank, "n_kernel": n_kernel, "p": p_total, "random_baseline": rank / p_total,
+                 "overlap": overlap.tolist(), "split_half": split_half, "energy": energy.tolist(),
+                 "spectra": {t: spaces[t].eigenvalues[:200].tolist() for t in names}}
+        if ntk_aware:
+            proj = {}
+            for t in names:  # τ_t' = τ_t − Σ_{s≠t} J_sᵀ U_s Σ_s⁻² U_sᵀ (J_s τ_t)
+                delta = {k: v.float().clone() for k, v in vectors[t].deltas.items()}
+                for s in names:
+                    if s == t:
+                        continue
+                    w = spaces[s].U @ ((spaces[s].U.T @ jtau[(s, t)]) / spaces[s].S2)
+                    o = Ks[s].shape[0] // kin[s]["input_ids"].shape[0]
+                    back = vjp_params(models[s], kernel_batches[s], w.reshape(-1, o).float(), list(delta),
+                                      device=device)
+                    for k in delta:
+                        delta[k] -= back[k].cpu()
+                proj[t] = delta
+            ntk_sum = {k: sum(proj[t][k] for t in names if k in proj[t]) for k in keys}
+            eigen["ntk_aware_removed_share"] = {
+                t: 1 - math.sqrt(sum(float((proj[t][k] ** 2).sum()) for k in proj[t])) / vectors[t].norm()
+                for t in names}
+
+    # --- predictions: one JVP per (task, τ_t); nested JVPs along Σ τ and each other merge
+    dir_specs = {f"tau:{t}": vectors[t].deltas for t in names}
+    second_specs = {"sum": sum_tau}
+    for m in merges:
+        if m.method != "task_arithmetic" and m.name in merge_deltas:
+            second_specs[m.name] = merge_deltas[m.name]
+    if ntk_aware:
+        second_specs["ntk_sum"] = ntk_sum
+    D: dict[str, Directional] = {}
+    for s in tqdm(names, desc="linearised predictions", disable=not progress):
+        d1 = directional_outputs(models[s], eval_batches[s], dir_specs, device=device)
+        d2 = directional_outputs(models[s], eval_batches[s], second_specs, second_order=second_order,
+                                 device=device)
+        d1.jvps.update(d2.jvps)
+        d1.hvps.update(d2.hvps)
+        D[s] = d1
+
+    # --- measurements: build each merged model once, evaluate every task with its own head
+    evaluations = 0
+
+    def measure(delta) -> dict:
+        nonlocal evaluations
+        shared.set(delta)
+        res = {s: _logits(models[s], eval_batches[s], device) for s in names}
+        shared.set(None)
+        evaluations += 1
+        return res
+
+    base_logits = {s: D[s].f0 for s in names}
+    base_acc = {s: accuracy(D[s].f0, D[s].labels) for s in names}
+    singles = {t: measure(vectors[t].deltas) for t in tqdm(names, desc="single-task models", disable=not progress)}
+    ft_acc = {s: accuracy(singles[s][s], D[s].labels) for s in names}
+
+    def record(delta_pred: dict[str, torch.Tensor], delta_pred2: dict | None, measured: dict) -> dict:
+        per = {}
+        for s in names:
+            f_true = measured[s]
+            pred = delta_pred[s]
+            pred2 = None if delta_pred2 is None else delta_pred2[s]
+            err = relative_linearisation_error(f_true, base_logits[s], pred)
+            entry = {"base": base_acc[s], "predicted": accuracy(pred, D[s].labels),
+                     "measured": accuracy(f_true, D[s].labels), "lin_error": err,
+                     "trusted": err <= threshold, "finetuned": ft_acc[s]}
+            if pred2 is not None:
+                entry["predicted_2nd"] = accuracy(pred2, D[s].labels)
+                entry["lin_error_2nd"] = relative_linearisation_error(f_true, base_logits[s], pred2)
+            entry["normalized_measured"] = entry["measured"] / ft_acc[s] if ft_acc[s] else None
+            entry["normalized_predicted"] = entry["predicted"] / ft_acc[s] if ft_acc[s] else None
+            per[s] = entry
+        return per
+
+    def ta_prediction(coefs: dict[str, float], lam2: float | None = None) -> tuple[dict, dict | None]:
+        p1 = {s: D[s].predict({f"tau:{t}": c for t, c in coefs.items()}) for s in names}
+        p2 = None
+        if lam2 is not None and second_order:
+            p2 = {s: p1[s] + 0.5 * lam2 ** 2 * D[s].hvps["sum"] for s in names}
+        return p1, p2
+
+    results_merges = []
+    for m in tqdm(merges, desc="merges", disable=not progress):
+        if m.method == "task_arithmetic" and not set(m.params) - {"lambda"}:
+            lam = float(m.params.get("lambda", 1.0))
+            p1, p2 = ta_prediction({t: lam for t in names}, lam)
+            delta = _scale(sum_tau, lam)
+        else:
+            delta = merge_deltas[m.name]
+            p1 = {s: D[s].predict({m.name: 1.0}) for s in names}
+            p2 = {s: D[s].predict({m.name: 1.0}, second_order=True) for s in names} if second_order else None
+        results_merges.append({"name": m.name, "method": m.method, "params": m.params,
+                               "per_task": record(p1, p2, measure(delta))})
+
+    # --- interference matrices (accuracy change of task s caused by τ_t alone) and ξ of every pair
+    I_pred, I_meas = np.zeros((T, T)), np.zeros((T, T))
+    for i, s in enumerate(names):
+        for j, t in enumerate(names):
+            I_pred[i, j] = accuracy(D[s].predict({f"tau:{t}": 1.0}), D[s].labels) - base_acc[s]
+            I_meas[i, j] = accuracy(singles[t][s], D[s].labels) - base_acc[s]
+    xi = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            joint = measure(_add(vectors[a].deltas, vectors[b].deltas))
+            pa, pb = D[a].predict({f"tau:{a}": 1.0}), D[b].predict({f"tau:{b}": 1.0})
+            ja, jb = (D[a].predict({f"tau:{a}": 1.0, f"tau:{b}": 1.0}),
+                      D[b].predict({f"tau:{a}": 1.0, f"tau:{b}": 1.0}))
+            xi.append({"pair": [a, b], "predicted": _xi([pa, pb], [ja, jb]),
+                       "measured": _xi([singles[a][a], singles[b][b]], [joint[a], joint[b]])})
+
+    # --- coefficients: grid search (measured) vs prediction-chosen (one evaluation)
+    def avg_norm(per: dict, key: str) -> float:
+        return float(np.mean([per[s][key] / ft_acc[s] for s in names]))
+
+    grid = []
+    before = evaluations
+    for lam in tqdm(lambdas, desc="λ grid (measured)", disable=not progress):
+        p1, _ = ta_prediction({t: lam for t in names})
+        per = record(p1, None, measure(_scale(sum_tau, lam)))
+        grid.append({"lambda": lam, "measured": avg_norm(per, "measured"), "predicted": avg_norm(per, "predicted"),
+                     "per_task": per})
+    grid_evals = evaluations - before
+    fine = np.round(np.arange(0.05, 2.0001, 0.05), 4).tolist()
+
+    def pred_avg(coefs) -> float:
+        return float(np.mean([accuracy(D[s].predict({f"tau:{t}": c for t, c in coefs.items()}), D[s].labels)
+                              / ft_acc[s] for s in names]))
+
+    lam_star = max(fine, key=lambda lam: (pred_avg({t: lam for t in names}), -abs(lam - 0.5)))
+    coefs = {t: lam_star for t in names}
+    for _ in range(2):  # coordinate ascent on per-task coefficients, predictions only
+        for t in names:
+            coefs[t] = max(fine, key=lambda c: (pred_avg({**coefs, t: c}), -abs(c - coefs[t])))
+    chosen = {}
+    for label, cf in (("global", {t: lam_star for t in names}), ("per_task", coefs)):
+        delta = {k: sum(cf[t] * vectors[t].deltas[k].float() for t in names if k in vectors[t].deltas) for k in keys}
+        p1 = {s: D[s].predict({f"tau:{t}": c for t, c in cf.items()}) for s in names}
+        per = record(p1, None, measure(delta))
+        chosen[label] = {"coefficients": cf, "predicted": avg_norm(per, "predicted"),
+                         "measured": avg_norm(per, "measured"), "per_task": per}
+    best = max(grid, key=lambda g: g["measured"])
+    coefficients = {"grid": [{k: v for k, v in g.items() if k != "per_task"} for g in grid],
+                    "grid_best_lambda": best["lambda"], "grid_best_measured": best["measured"],
+                    "grid_evaluations": grid_evals, "chosen": chosen, "chosen_evaluations": 1,
+                    "gap_points_global": 100 * (best["measured"] - chosen["global"]["measured"]),
+                    "gap_points_per_task": 100 * (best["measured"] - chosen["per_task"]["measured"])}
+
+    if ntk_aware:
+        lam = lam_star
+        p1 = {s: D[s].predict({"ntk_sum": lam}) for s in names}
+        p2 = {s: p1[s] + 0.5 * lam ** 2 * D[s].hvps["ntk_sum"] for s in names} if second_order else None
+        per = record(p1, p2, measure(_scale(ntk_sum, lam)))
+        results_merges.append({"name": f"ntk_aware λ={lam:g}", "method": "ntk_aware", "params": {"lambda": lam},
+                               "per_task": per})
+        p1, p2 = ta_prediction({t: lam for t in names}, lam)
+        per = record(p1, p2, measure(_scale(sum_tau, lam)))
+        results_merges.append({"name": f"task_arithmetic λ={lam:g}", "method": "task_arithmetic",
+                               "params": {"lambda": lam}, "per_task": per})
+
+    # --- summary over all merges
+    rows = [(m["name"], s, e) for m in results_merges for s, e in m["per_task"].items()]
+    dp = [e["predicted"] - e["base"] for _, _, e in rows]
+    dm = [e["measured"] - e["base"] for _, _, e in rows]
+    err = [abs(a - b) for a, b in zip(dp, dm)]
+    trusted = [abs(e["predicted"] - e["measured"]) for _, _, e in rows if e["trusted"]]
+    summary = {
+        "n_predictions": len(rows), "spearman_change": _spearman(dp, dm),
+        "spearman_accuracy": _spearman([e["predicted"] for *_, e in rows], [e["measured"] for *_, e in rows]),
+        "mae_points": 100 * float(np.mean(err)),
+        "mae_points_nochange_baseline": 100 * float(np.mean([abs(x) for x in dm])),
+        "mae_points_trusted": 100 * float(np.mean(trusted)) if trusted else None,
+        "n_trusted": len(trusted), "n_untrusted": len(rows) - len(trusted), "threshold": threshold,
+    }
+    if second_order and all("predicted_2nd" in e for *_, e in rows):
+        dp2 = [e["predicted_2nd"] - e["base"] for *_, e in rows]
+        summary["spearman_change_2nd"] = _spearman(dp2, dm)
+        summary["mae_points_2nd"] = 100 * float(np.mean([abs(a - b) for a, b in zip(dp2, dm)]))
+    summary["interference_spearman"] = _spearman(I_pred[~np.eye(T, dtype=bool)].tolist(),
+                                                 I_meas[~np.eye(T, dtype=bool)].tolist())
+
+    cos = TaskVector.cosine_matrix(tvs)
+    signs = np.zeros((T, T))
+    for i in range(T):
+        for j in range(T):
+            a, b = tvs[i].deltas, tvs[j].deltas
+            both = conflict = 0
+            for k in a.keys() & b.keys():
+                nz = (a[k] != 0) & (b[k] != 0)
+                both += int(nz.sum())
+                conflict += int((nz & (torch.sign(a[k]) != torch.sign(b[k]))).sum())
+            signs[i, j] = conflict / both if both else 0.0
+
+    results = {
+        "run": str(run_dir), "tasks": names, "n_eval": {s: len(eval_batches[s].indices) for s in names},
+        "device": str(device), "second_order": second_order,
+        "base_accuracy": base_acc, "finetuned_accuracy": ft_acc, "finetuned_accuracy_full_test": ft_acc_log,
+        "merges": results_merges, "summary": summary,
+        "interference": {"predicted": I_pred.tolist(), "measured": I_meas.tolist()},
+        "disentanglement": xi, "coefficients": coefficients, "eigen": eigen,
+        "weight_space": {"cosine": cos.tolist(), "sign_conflicts": signs.tolist()},
+        "evaluations": evaluations, "wall_time_s": time.time() - t_start,
+    }
+    out = Path(out) if out else run_dir / "validation" / "results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, results)
+    return results

@@ -1,0 +1,75 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from taskvec.interference import MergeSpec, merge_vectors, subspace_overlap, top_eigenspace, validate_run
+from taskvec.task_vector import TaskVector
+
+
+def _explicit_V(J, r):
+    U, S, Vh = torch.linalg.svd(J, full_matrices=False)
+    return Vh[:r].T  # (p, r) top right singular vectors = J^T U Σ^-1
+
+
+def test_overlap_matches_explicit_parameter_space_vectors():
+    g = torch.Generator().manual_seed(0)
+    p, r = 400, 5
+    shared = torch.randn(8, p, generator=g, dtype=torch.float64)
+    JA = torch.cat([shared, torch.randn(12, p, generator=g, dtype=torch.float64)])
+    JB = torch.cat([shared + 0.1 * torch.randn(8, p, generator=g, dtype=torch.float64),
+                    torch.randn(12, p, generator=g, dtype=torch.float64)])
+    A, B = top_eigenspace(JA @ JA.T, r), top_eigenspace(JB @ JB.T, r)
+    got = subspace_overlap(A, B, JA @ JB.T)
+    VA, VB = _explicit_V(JA, r), _explicit_V(JB, r)
+    want = float(((VA.T @ VB) ** 2).sum()) / r
+    assert abs(got["overlap"] - want) < 1e-8
+    assert abs(subspace_overlap(A, A, JA @ JA.T)["overlap"] - 1.0) < 1e-8  # a task against itself
+
+
+def test_overlap_of_unrelated_tasks_is_near_the_random_baseline():
+    g = torch.Generator().manual_seed(1)
+    p, r = 2000, 4
+    vals = []
+    for _ in range(10):
+        JA = torch.randn(20, p, generator=g, dtype=torch.float64)
+        JB = torch.randn(20, p, generator=g, dtype=torch.float64)
+        vals.append(subspace_overlap(top_eigenspace(JA @ JA.T, r), top_eigenspace(JB @ JB.T, r), JA @ JB.T)["overlap"])
+    assert 0.3 * r / p < np.mean(vals) < 3 * r / p
+
+
+def test_merge_vectors_task_arithmetic_and_ties():
+    g = torch.Generator().manual_seed(2)
+    base = {"w": torch.randn(6, 5, generator=g), "b": torch.randn(5, generator=g)}
+    tvs = [TaskVector({k: torch.randn(v.shape, generator=g) for k, v in base.items()}) for _ in range(3)]
+    ta = merge_vectors(tvs, "task_arithmetic", base, **{"lambda": 0.7})
+    for k in base:
+        assert torch.allclose(ta[k], 0.7 * sum(t.deltas[k] for t in tvs), atol=1e-6)
+    from taskvec.merge.methods import get_method
+    ties = merge_vectors(tvs, "ties", base, density=0.4)
+    ref = get_method("ties")(base["w"], [t.deltas["w"].clone() for t in tvs], [1.0] * 3, density=[0.4] * 3)
+    assert torch.equal(ties["w"], ref)
+
+
+def test_validate_run_end_to_end(tiny_run):
+    r = validate_run(tiny_run, merges=[MergeSpec("ta", "task_arithmetic", {"lambda": 0.5}),
+                                       MergeSpec("ties", "ties", {"density": 0.3})],
+                     n_eval=24, n_kernel=12, rank=3, lambdas=[0.5, 1.0], progress=False)
+    saved = json.loads((tiny_run / "validation" / "results.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(r["summary"]))
+    T = len(r["tasks"])
+    assert np.array(r["interference"]["predicted"]).shape == (T, T)
+    assert len(r["disentanglement"]) == T * (T - 1) // 2
+    names = [m["name"] for m in r["merges"]]
+    assert names[:2] == ["ta", "ties"] and any(n.startswith("ntk_aware") for n in names)
+    for m in r["merges"]:
+        for e in m["per_task"].values():
+            assert 0 <= e["predicted"] <= 1 and 0 <= e["measured"] <= 1 and e["lin_error"] >= 0
+            assert e["trusted"] == (e["lin_error"] <= 0.25)
+    eig = r["eigen"]
+    assert np.allclose(np.diag(eig["overlap"]), 1.0)
+    assert all(0 <= x <= 1 + 1e-9 for row in eig["overlap"] for x in row)
+    assert eig["random_baseline"] == pytest.approx(3 / eig["p"])
+    assert set(r["finetuned_accuracy"]) == set(r["tasks"])
+    assert r["coefficients"]["grid_evaluations"] == 2 and r["coefficients"]["chosen_evaluations"] == 1
