@@ -608,7 +608,12 @@ class Projector:
         g.manual_seed(_block_seed(self.seed, sel, b))
         if self.projection == "gaussian":
             return torch.randn((rows, self.k), generator=g, dtype=dtype, device=device)
-        return torch.empty((rows, self.k), dtype=dtype, device=device).bernoulli_(0.5, generator=g).mul_(2).sub_(1)
+        # Rademacher from random bits: 32 signs per random integer (32× fewer generator draws)
+        words = (self.k + 31) // 32
+        bits = torch.empty((rows, words), dtype=torch.int64, device=device).random_(0, 1 << 32, generator=g)
+        shifts = torch.arange(32, device=device, dtype=torch.int64)
+        signs = ((bits[:, :, None] >> shifts) & 1).reshape(rows, words * 32)[:, : self.k]
+        return signs.to(dtype).mul_(2).sub_(1)
 
     def project(self, jac: dict[str, torch.Tensor], per_group: bool = False):
         """Project a Jacobian chunk (group -> ``(b, o, p_g)``, selections concatenated in order) to
@@ -672,7 +677,7 @@ class Features:
 def jacobian_features(model: nn.Module, inputs, params="qkv", output: str = "logits", mode: str = "exact",
                       sketch_dim: int = 8192, seed: int = 0, projection: str = "rademacher",
                       per_group: bool = False, chunk_size: int | None = None, feature_dtype=None,
-                      block_rows: int | None = None) -> Features:
+                      block_rows: int | None = None, project_batch: int | None = None) -> Features:
     """Per-example Jacobian features of ``model`` at its current parameters.
 
     Args:
@@ -687,6 +692,8 @@ def jacobian_features(model: nn.Module, inputs, params="qkv", output: str = "log
         seed, projection, block_rows: the sketch (same values => same ``S`` across calls and tasks).
         per_group: sketch only: also keep group -> ``(n, o, k)`` features.
         feature_dtype: dtype of stored features (default float64 for exact, float32 for sketch).
+        project_batch: sketch only: examples whose Jacobians are gathered before one projection pass
+            (each pass regenerates ``S``: larger is faster, costs ``project_batch·o·p`` floats of memory).
 
     Returns:
         :class:`Features` on the CPU.
@@ -714,11 +721,29 @@ def jacobian_features(model: nn.Module, inputs, params="qkv", output: str = "log
         fdt = feature_dtype or torch.float32
         F = torch.empty((n, o, proj.k), dtype=fdt)
         G = {g: torch.empty((n, o, proj.k), dtype=fdt) for g in jf.groups} if per_group else {}
-        for pos, J in jf.blocks(batch, torch.arange(n, device=dev), "inputs"):
+        # project in batches of `project_batch` examples: each pass regenerates S (p·k random numbers)
+        pb = max(project_batch or jf.chunk_size, jf.chunk_size)
+        buf: list = []
+
+        def flush():
+            if not buf:
+                return
+            pos = torch.cat([b[0] for b in buf])
+            J = {g: torch.cat([b[1][g] for b in buf]) for g in jf.groups}
+            buf.clear()
             tot, grp = proj.project(J, per_group)
             F[pos] = tot.to("cpu", fdt)
             for g, v in grp.items():
                 G[g][pos] = v.to("cpu", fdt)
+
+        count = 0
+        for pos, J in jf.blocks(batch, torch.arange(n, device=dev), "inputs"):
+            buf.append((pos, J))
+            count += len(pos)
+            if count >= pb:
+                flush()
+                count = 0
+        flush()
         return Features(F, G, mode, output, _params_label(params), jf.p, dict(jf.group_sizes), proj.k, seed,
                         projection)
 
@@ -728,7 +753,8 @@ def _params_label(params) -> str:
 
 
 def _default_chunk(device) -> int:
-    return 64 if torch.device(device).type == "cuda" else 8
+    # H100, MiniLM L=128: per-example gradients of 2,000 examples take 0.85 s at 64, 0.52 s at 256
+    return 256 if torch.device(device).type == "cuda" else 8
 
 
 # --- reference (NTK-vector products) -------------------------------------------------------------------------
@@ -880,7 +906,7 @@ def empirical_ntk(model: nn.Module, inputs1, inputs2=None, params="qkv", output:
             default ``model``.
         groups: also return each parameter group's kernel (exact/reference: free; sketch: stores
             ``n·o·k`` features per group).
-        chunk_size: examples per vmap call (default 64 on CUDA, 8 on CPU).
+        chunk_size: examples per vmap call (default 256 on CUDA, 8 on CPU).
         max_memory: bytes (or "16GB") the exact path may hold in Jacobians; default
             :func:`default_memory_budget`.
         sketch_dim, seed, projection, block_rows: sketch settings (``mode="sketch"``).

@@ -267,3 +267,25 @@ def test_result_save_load(tmp_path, bert):
     back = type(res).load(tmp_path / "k.safetensors")
     assert torch.equal(back.kernel, res.kernel) and set(back.groups) == set(res.groups)
     assert back.meta()["n1"] == 3
+
+
+@pytest.mark.gpu
+def test_cuda_exact_matches_cpu_float64():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    m64 = _bert()
+    m32 = _bert().float().cuda()
+    x = _inputs(n=6)
+    ref = empirical_ntk(m64, x, kernel="full").kernel
+    got = empirical_ntk(m32, x, kernel="full")
+    assert got.kernel.dtype == torch.float64 and got.kernel.device.type == "cpu"
+    assert rel(got.kernel, ref) <= 1e-5
+    blk = empirical_ntk(m32, x, kernel="full", chunk_size=2, max_memory=3 * 3 * got.p * 4 * 4)
+    # fp32 gradients: another chunk size runs other CUDA kernels (round-off ~1e-8), so not bitwise
+    assert rel(blk.kernel, got.kernel) <= 1e-6
+    sk = empirical_ntk(m32, x, mode="sketch", sketch_dim=4096, kernel="trace")
+    assert rel(sk.kernel, convert(ref)) <= 0.2
+
+
+def convert(full):
+    return torch.diagonal(full, dim1=2, dim2=3).mean(-1)
