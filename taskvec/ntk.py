@@ -979,3 +979,95 @@ def empirical_ntk(model: nn.Module, inputs1, inputs2=None, params="qkv", output:
                      dict(jf1.group_sizes), symmetric, sketch_dim if mode == "sketch" else None,
                      seed if mode == "sketch" else None, projection if mode == "sketch" else None,
                      time.perf_counter() - t0, info)
+
+
+# --- run directories (CLI: taskvec ntk RUN/) ---------------------------------------------------------------------
+
+
+def base_task_model(run_dir, task: str, device=None) -> nn.Module:
+    """θ0 for one task of a fine-tuning run: the run's *base* backbone with that task's saved head."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from .finetune import load_run
+    from .modeling import HeadSpec, TaskModel, load_backbone, make_head
+
+    meta = load_run(run_dir)
+    d = Path(run_dir) / "finetune" / task
+    spec = HeadSpec(**json.loads((d / "head.json").read_text()))
+    bb = load_backbone(meta["base_model"])
+    head = make_head(spec, bb)
+    head.load_state_dict(load_file(str(d / "head.safetensors")), strict=False)
+    m = TaskModel(bb, head.to(_model_dtype(bb)), spec).eval()
+    return m.to(device) if device is not None else m
+
+
+def run_ntk(run_dir, out=None, n: int = 512, params="qkv", mode: str = "exact", output: str = "logits",
+            kernel: str = "full", cross: bool = True, sketch_dim: int = 8192, seed: int = 0, device=None,
+            num_boot: int = 100, max_length: int = 128, plots: bool = True) -> dict:
+    """Kernels and spectra for every task of a fine-tuning run (``taskvec ntk RUN/``).
+
+    For each task: ``n`` training examples (seeded subsample of the saved split), θ0 = base backbone + the
+    task's head, the eNTK (``kernel``, with per-group kernels) saved as ``OUT/<task>.safetensors`` (+ meta
+    JSON) and its :class:`~taskvec.spectrum.SpectrumReport` as ``OUT/<task>.spectrum.json``; with ``cross``
+    the trace cross-task kernels ``OUT/cross/<a>__<b>.safetensors`` (tasks with different label counts:
+    full kernel). ``out`` defaults to ``RUN/ntk``. Plots (``spectrum.png``, ``group_traces.png``,
+    ``effective_ranks.png``) are drawn from the saved JSON. Returns ``{task: spectrum summary dict}``.
+    """
+    import json
+    from pathlib import Path
+
+    from .finetune import load_run
+    from .io import write_json
+    from .modeling import load_tokenizer
+    from .spectrum import spectrum_report
+    from .tasks import Batches, Splits, load_saved_task
+
+    run_dir = Path(run_dir)
+    meta = load_run(run_dir)
+    out = Path(out) if out is not None else run_dir / "ntk"
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tok = load_tokenizer(meta["base_model"])
+    models, inputs, summary = {}, {}, {}
+    for name in meta["tasks"]:
+        d = run_dir / "finetune" / name
+        if not (d / "head.json").exists():
+            raise NTKError(f"task {name!r} of {run_dir} has no saved head ({d}); fine-tune it first")
+        task = load_saved_task(d / "task.json")
+        split = Splits.from_json(json.loads((d / "split.json").read_text()))
+        g = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(len(split.train), generator=g)[:n].sort().values.tolist()
+        idx = [split.train[i] for i in pick]
+        batch = as_batch(list(Batches(tok, task, idx, batch_size=64, max_length=max_length)))
+        model = base_task_model(run_dir, name, device)
+        res = empirical_ntk(model, batch, params=params, output=output, mode=mode, kernel=kernel,
+                            sketch_dim=sketch_dim, seed=seed)
+        res.save(out / f"{name}.safetensors")
+        rep = spectrum_report(res, labels=batch["labels"].numpy(), num_boot=num_boot, seed=seed)
+        rep.meta.update({"task": name, "examples": idx, "base_model": meta["base_model"]})
+        write_json(out / f"{name}.spectrum.json", rep.to_json())
+        summary[name] = {"alpha": rep.uncentered.decay.alpha if rep.uncentered.decay else None,
+                         "participation_ratio": rep.uncentered.ranks.participation_ratio,
+                         "alignment": rep.alignment, "kernel_ridge_cv_accuracy":
+                             (rep.kernel_ridge or {}).get("cv_accuracy"), "seconds": res.seconds}
+        models[name], inputs[name] = model, batch
+    if cross and len(models) > 1:
+        (out / "cross").mkdir(exist_ok=True)
+        names = list(models)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                o_a, o_b = models[a].spec.num_labels, models[b].spec.num_labels
+                kind = "trace" if (o_a == o_b or output != "logits") else "full"
+                r = empirical_ntk(models[a], inputs[a], inputs[b], model2=models[b], params=params,
+                                  output=output, mode=mode, kernel=kind, groups=False, sketch_dim=sketch_dim,
+                                  seed=seed)
+                r.save(out / "cross" / f"{a}__{b}.safetensors")
+    write_json(out / "summary.json", summary)
+    if plots:
+        from .ntk_plots import plot_run
+
+        plot_run(out)
+    return summary

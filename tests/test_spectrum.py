@@ -103,3 +103,17 @@ def test_report_json_roundtrip():
     assert back.uncentered.decay.alpha == pytest.approx(1.5, rel=1e-9)
     assert back.group_traces == pytest.approx({"0.q": 0.5, "0.k": 0.5})
     assert back.centered.centered and rep.kernel_ridge is not None
+
+
+def test_plots_from_saved_json(tmp_path):
+    from taskvec.ntk_plots import plot_run
+
+    i = np.arange(1, 41)
+    g = np.random.default_rng(3)
+    U, _ = np.linalg.qr(g.standard_normal((40, 40)))
+    K = torch.as_tensor(U @ np.diag(i ** -1.2) @ U.T * 40)
+    groups = {f"{layer}.{r}": K / 6 for layer in range(2) for r in "qkv"}
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.spectrum.json").write_text(json.dumps(spectrum_report(K, groups=groups).to_json()))
+    pngs = plot_run(tmp_path)
+    assert len(pngs) == 3 and all(p.stat().st_size > 1000 for p in pngs)
