@@ -1,6 +1,6 @@
 """The ``taskvec`` command: a thin layer over the Python API (every command is a few API calls).
 
-Commands: ``models``, ``tasks``, ``finetune``, ``vectors``, ``ntk``, ``merge``, ``run``.
+Commands: ``models``, ``tasks``, ``finetune``, ``vectors``, ``ntk``, ``merge``, ``validate``, ``report``, ``run``.
 """
 
 from __future__ import annotations
@@ -124,6 +124,23 @@ def cmd_ntk(a) -> int:
     return 0
 
 
+def cmd_validate(a) -> int:
+    from .interference import validate_run
+    from .report import summary_markdown
+
+    res = validate_run(a.run, n_eval=a.n_eval, n_kernel=a.n_kernel, rank=a.rank,
+                       second_order=not a.first_order, threshold=a.threshold, device=a.device)
+    print(summary_markdown({"validation": res}))
+    return 0
+
+
+def cmd_report(a) -> int:
+    from .report import write_report
+
+    print(f"report written to {write_report(a.run)}")
+    return 0
+
+
 def cmd_run(a) -> int:
     from .pipeline import run_pipeline
 
@@ -171,6 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None)
     s.set_defaults(func=cmd_merge)
 
+    s = sub.add_parser("validate", help="predict merges from the linearised model, measure them, explain them")
+    s.add_argument("run")
+    s.add_argument("--n-eval", type=int, default=500, help="evaluation examples per task")
+    s.add_argument("--n-kernel", type=int, default=128, help="kernel examples per task (eigenspaces)")
+    s.add_argument("--rank", type=int, default=20, help="r of the top-r eigenspaces")
+    s.add_argument("--threshold", type=float, default=0.25, help="trust threshold on the relative logit error")
+    s.add_argument("--first-order", action="store_true", help="skip the second-order (nested JVP) term")
+    s.add_argument("--device", default=None)
+    s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("report", help="write RUN/report/report.html (+ PNG figures) and RUN/results.json")
+    s.add_argument("run")
+    s.set_defaults(func=cmd_report)
+
     s = sub.add_parser("run", help="the whole pipeline from a YAML config ('default' = the packaged one)")
     s.add_argument("config", nargs="?", default="default")
     s.add_argument("--out", default="runs/default")
@@ -195,4 +226,4 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__ = ["main", "build_parser", "fields"]
+__all__ = ["build_parser", "fields", "main"]

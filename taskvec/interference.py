@@ -303,9 +303,11 @@ def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 5
                 jt = dirs.jvps[t].double().reshape(-1)
                 jtau[(s, t)] = jt
                 coef = (spaces[s].U.T @ jt) / torch.sqrt(spaces[s].S2)
-                energy[i, j] = float((coef ** 2).sum()) / vectors[t].norm() ** 2
+                nt = vectors[t].norm()
+                energy[i, j] = float((coef ** 2).sum()) / nt ** 2 if nt > 0 else float("nan")
         eigen = {"rank": rank, "n_kernel": n_kernel, "p": p_total, "random_baseline": rank / p_total,
-                 "overlap": overlap.tolist(), "split_half": split_half, "energy": energy.tolist(),
+                 "overlap": overlap.tolist(), "split_half": split_half,
+                 "energy": [[None if math.isnan(x) else x for x in row] for row in energy.tolist()],
                  "spectra": {t: spaces[t].eigenvalues[:200].tolist() for t in names}}
         if ntk_aware:
             proj = {}
@@ -323,8 +325,8 @@ def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 5
                 proj[t] = delta
             ntk_sum = {k: sum(proj[t][k] for t in names if k in proj[t]) for k in keys}
             eigen["ntk_aware_removed_share"] = {
-                t: 1 - math.sqrt(sum(float((proj[t][k] ** 2).sum()) for k in proj[t])) / vectors[t].norm()
-                for t in names}
+                t: (1 - math.sqrt(sum(float((proj[t][k] ** 2).sum()) for k in proj[t])) / vectors[t].norm())
+                if vectors[t].norm() > 0 else None for t in names}
 
     # --- predictions: one JVP per (task, τ_t); nested JVPs along Σ τ and each other merge
     dir_specs = {f"tau:{t}": vectors[t].deltas for t in names}

@@ -5,8 +5,11 @@ Stages, in order (a config lists the ones to run):
 ``finetune``  fine-tune the base on every task with early stopping (:mod:`taskvec.finetune`)
 ``vectors``   extract task vectors into ``OUT/vectors/`` (:class:`taskvec.TaskVector`)
 ``ntk``       empirical NTK of the base on each task and its spectrum (:mod:`taskvec.ntk`)
-``merge``     merge the task vectors with each configured method and evaluate every task on its test
-              split with its own head (:mod:`taskvec.merge`)
+``merge``     write each configured merge as a model directory with the tasks' heads (:mod:`taskvec.merge`)
+``validate``  predict every merge from the linearised model, measure it, explain it through the eNTK
+              eigenspaces, choose coefficients from predictions, build the NTK-aware merge
+              (:mod:`taskvec.interference`)
+``report``    ``OUT/report/report.html`` + PNG figures + ``OUT/results.json`` (:mod:`taskvec.report`)
 
 A stage's inputs (its config section and the outputs of the stages before it) are hashed into
 ``OUT/stages.json``; a stage whose inputs changed is recomputed instead of reused. The packaged
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from importlib import resources
 from pathlib import Path
@@ -26,8 +30,23 @@ import yaml
 from .errors import TaskvecError
 from .io import write_json
 
-STAGES = ["finetune", "vectors", "ntk", "merge"]
-TOP_KEYS = {"model", "tasks", "stages", "finetune", "ntk", "merge"}
+STAGES = ["finetune", "vectors", "ntk", "merge", "validate", "report"]
+TOP_KEYS = {"model", "tasks", "stages", "finetune", "ntk", "merge", "validate", "report"}
+
+
+def merge_specs(cfg: dict) -> list:
+    """The config's merges as :class:`~taskvec.interference.MergeSpec` (``merge.methods`` entries)."""
+    from .interference import MergeSpec
+
+    specs = []
+    for i, m in enumerate((cfg.get("merge") or {}).get("methods", [])):
+        m = dict(m)
+        if "method" not in m:
+            raise TaskvecError(f"merge.methods[{i}] has no 'method'")
+        method = m.pop("method")
+        name = m.pop("name", None) or method + "".join(f" {k}={v}" for k, v in m.items())
+        specs.append(MergeSpec(name, method, m))
+    return specs
 
 
 def load_config(config) -> dict:
@@ -65,7 +84,8 @@ def _hash(obj) -> str:
 
 
 def run_pipeline(config="default", out="runs/default", overwrite: bool = False, stages=None) -> dict:
-    """Run the configured stages into ``out``; returns the results dict also written to ``OUT/results.json``."""
+    """Run the configured stages into ``out``; returns the stage summaries (also in ``OUT/pipeline.json``;
+    the report stage writes every number to ``OUT/results.json``)."""
     from .finetune import FinetuneConfig, extract_vectors, finetune, results_table
     from .tasks import load_task
 
@@ -80,7 +100,7 @@ def run_pipeline(config="default", out="runs/default", overwrite: bool = False, 
     tasks = [load_task(t) for t in cfg["tasks"]]  # fail early on unknown task names
     state_path = out / "stages.json"
     state = json.loads(state_path.read_text()) if state_path.exists() and not overwrite else {}
-    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    results = json.loads((out / "pipeline.json").read_text()) if (out / "pipeline.json").exists() else {}
     upstream = _hash({"model": cfg["model"], "tasks": cfg["tasks"]})
     for stage in STAGES:
         key = _hash({"up": upstream, "cfg": cfg.get(stage, {})})
@@ -109,12 +129,34 @@ def run_pipeline(config="default", out="runs/default", overwrite: bool = False, 
 
             results["ntk"] = run_ntk(out, overwrite=overwrite or stale, **cfg.get("ntk", {}))
         elif stage == "merge":
-            from .evaluation import merge_and_evaluate
+            from .merge import merge
 
-            results["merge"] = merge_and_evaluate(out, cfg.get("merge", {}), overwrite=overwrite or stale)
+            written = {}
+            for spec in merge_specs(cfg):
+                if spec.method == "ntk_aware":
+                    continue  # built in memory by the validate stage
+                dest = out / "merges" / re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name).strip("_")
+                if dest.exists() and not (overwrite or stale):
+                    written[spec.name] = str(dest)
+                    continue
+                merge({"run": str(out), "method": spec.method, "parameters": spec.params}, dest,
+                      overwrite=True, show_progress=False)
+                written[spec.name] = str(dest)
+            results["merge"] = written
+        elif stage == "validate":
+            from .interference import validate_run
+
+            vcfg = dict(cfg.get("validate") or {})
+            res = validate_run(out, merges=merge_specs(cfg) or None, **vcfg)
+            results["validate"] = {"summary": res["summary"], "coefficients": {
+                k: v for k, v in res["coefficients"].items() if k != "grid"}, "path": str(out / "validation")}
+        elif stage == "report":
+            from .report import write_report
+
+            results["report"] = str(write_report(out))
         state[stage] = key
         write_json(state_path, state)
         results.setdefault("wall_time_s", {})[stage] = time.time() - t0
-        write_json(out / "results.json", results)
+        write_json(out / "pipeline.json", results)
         upstream = _hash([upstream, key])
     return results

@@ -1,0 +1,370 @@
+"""``taskvec report RUN/``: an offline HTML page with PNG figures, drawn only from saved results.
+
+Reads ``RUN/finetune/<task>/log.json`` (learning curves, stop steps, the spectral rule's summary),
+``RUN/validation/results.json`` (:func:`taskvec.interference.validate_run`) and, when present,
+``RUN/ntk/results.json`` (:mod:`taskvec.ntk`), and writes
+
+* ``RUN/report/report.html`` — tables and figures (open it in any browser; no network),
+* ``RUN/report/*.png`` — the figures,
+* ``RUN/results.json`` — every number of the page in one JSON file.
+
+Nothing is computed here but summaries of saved numbers (a decay fit of a saved spectrum at most).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .io import atomic_file, write_json
+
+
+def _load(p: Path):
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def collect(run_dir) -> dict:
+    """All saved results of a run as one dict (what ``RUN/results.json`` holds)."""
+    run_dir = Path(run_dir)
+    meta = _load(run_dir / "run.json") or {}
+    logs = {}
+    for t in meta.get("tasks", []):
+        log = _load(run_dir / "finetune" / t / "log.json")
+        if log:
+            logs[t] = log
+    return {"run": meta, "finetune": logs, "validation": _load(run_dir / "validation" / "results.json"),
+            "ntk": _load(run_dir / "ntk" / "results.json")}
+
+
+# --- figures -----------------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> str:
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    _plt().close(fig)
+    return path.name
+
+
+def fig_learning_curves(logs: dict, out: Path) -> str | None:
+    if not logs:
+        return None
+    plt = _plt()
+    n = len(logs)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
+    for ax, (t, log) in zip(axes[0], logs.items()):
+        c = [e for e in log["curve"] if e.get("val_loss") is not None]
+        steps = [e["step"] for e in c]
+        ax.plot(steps, [e["val_loss"] for e in c], "o-", label="val loss", color="C0")
+        tr = [(e["step"], e["train_loss"]) for e in c if e.get("train_loss") is not None]
+        if tr:
+            ax.plot(*zip(*tr), "s--", label="train loss", color="C2", alpha=0.7)
+        ax2 = ax.twinx()
+        ax2.plot(steps, [100 * e["val_accuracy"] for e in c], "^-", color="C1", label="val acc (%)")
+        ax2.set_ylabel("val accuracy (%)", color="C1")
+        ax.axvline(log["best_step"], color="k", ls=":", label=f"validation best ({log['best_step']})")
+        for r in log.get("rules", []):
+            if r.get("rule") == "spectral" and r.get("predicted_step") is not None:
+                ax.axvline(r["predicted_step"], color="C3", ls="--", label=f"spectral stop ({r['predicted_step']})")
+        ax.set_title(t)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle("Learning curves (dotted: validation-best step kept; dashed: spectral rule's step)")
+    return _save(fig, out / "learning_curves.png")
+
+
+def fig_spectra(val: dict | None, out: Path) -> tuple[str | None, dict]:
+    if not val or not val.get("eigen", {}).get("spectra"):
+        return None, {}
+    from .spectrum import SpectrumError, fit_decay
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fits = {}
+    for i, (t, lam) in enumerate(val["eigen"]["spectra"].items()):
+        lam = np.asarray([x for x in lam if x > 0])
+        idx = np.arange(1, lam.size + 1)
+        ax.loglog(idx, lam / lam[0], ".", ms=3, color=f"C{i}", label=t)
+        try:
+            f = fit_decay(lam)
+            fits[t] = {"alpha": f.alpha, "r2": f.r2, "window": [f.start, f.stop], "better": f.better}
+            xs = np.arange(f.start, f.stop + 1)
+            ax.loglog(xs, np.exp(f.log_c - f.alpha * np.log(xs)) / lam[0], "-", color=f"C{i}", lw=1,
+                      label=f"  fit α={f.alpha:.2f} (R²={f.r2:.2f})")
+        except SpectrumError:
+            pass
+    ax.set_xlabel("index i")
+    ax.set_ylabel("λ_i / λ_1")
+    ax.set_title("eNTK spectra at θ0 (multi-output kernel, scope of the run)")
+    ax.legend(fontsize=7)
+    return _save(fig, out / "spectra.png"), fits
+
+
+def _heat(ax, M, labels, title, fmt="{:.2f}", cmap="viridis", vmin=None, vmax=None):
+    M = np.asarray(M, dtype=float)
+    im = ax.imshow(M, cmap=cmap, vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    for i in range(M.shape[0]):
+        for j in range(M.shape[1]):
+            ax.text(j, i, fmt.format(M[i, j]), ha="center", va="center", fontsize=7,
+                    color="w" if im.norm(M[i, j]) < 0.5 else "k")
+    ax.set_title(title, fontsize=9)
+    return im
+
+
+def fig_geometry(val: dict | None, out: Path) -> str | None:
+    if not val:
+        return None
+    plt = _plt()
+    names = val["tasks"]
+    panels = [(val["weight_space"]["cosine"], "task-vector cosine", "{:.3f}")]
+    if val.get("eigen", {}).get("overlap"):
+        e = val["eigen"]
+        panels.insert(0, (e["overlap"], f"top-{e['rank']} eigenspace overlap\n(random {e['random_baseline']:.1e})",
+                          "{:.2f}"))
+        panels.append((e["energy"], "share of ‖τ_t‖² in task s's top-r\n(rows s, columns t)", "{:.3f}"))
+    panels.append((val["weight_space"]["sign_conflicts"], "sign conflicts (fraction)", "{:.2f}"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.6))
+    for ax, (M, title, fmt) in zip(np.atleast_1d(axes), panels):
+        _heat(ax, M, names, title, fmt)
+    return _save(fig, out / "geometry.png")
+
+
+def fig_interference(val: dict | None, out: Path) -> str | None:
+    if not val:
+        return None
+    plt = _plt()
+    names = val["tasks"]
+    P = 100 * np.asarray(val["interference"]["predicted"])
+    M = 100 * np.asarray(val["interference"]["measured"])
+    lim = max(np.abs(P).max(), np.abs(M).max(), 1e-9)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.8))
+    _heat(axes[0], P, names, "predicted Δacc of task s from τ_t (points)", "{:+.1f}", "RdBu", -lim, lim)
+    _heat(axes[1], M, names, "measured Δacc of task s from τ_t (points)", "{:+.1f}", "RdBu", -lim, lim)
+    for ax in axes:
+        ax.set_ylabel("task s (evaluated)")
+        ax.set_xlabel("τ_t (added)")
+    return _save(fig, out / "interference.png")
+
+
+def fig_scatter(val: dict | None, out: Path) -> str | None:
+    if not val:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4.6))
+    for i, m in enumerate(val["merges"]):
+        pts = [(100 * (e["predicted"] - e["base"]), 100 * (e["measured"] - e["base"]), e["trusted"])
+               for e in m["per_task"].values()]
+        for x, y, ok in pts:
+            ax.plot(x, y, "o" if ok else "x", color=f"C{i % 10}", ms=6)
+        ax.plot([], [], "o", color=f"C{i % 10}", label=m["name"])
+    lo = min(ax.get_xlim()[0], ax.get_ylim()[0])
+    hi = max(ax.get_xlim()[1], ax.get_ylim()[1])
+    ax.plot([lo, hi], [lo, hi], "k:", lw=1)
+    ax.set_xlabel("predicted accuracy change (points, first order)")
+    ax.set_ylabel("measured accuracy change (points)")
+    s = val["summary"]
+    sp = s.get("spearman_change")
+    ax.set_title(f"every (merge, task): Spearman {sp:.3f}" if sp is not None else "every (merge, task)",
+                 fontsize=9)
+    ax.legend(fontsize=6, loc="upper left")
+    ax.text(0.98, 0.02, "o trusted   x untrusted", transform=ax.transAxes, ha="right", fontsize=7)
+    return _save(fig, out / "predicted_vs_measured.png")
+
+
+def fig_normalized(val: dict | None, out: Path) -> str | None:
+    if not val:
+        return None
+    plt = _plt()
+    names = val["tasks"]
+    merges = val["merges"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(merges)), 3.8))
+    w = 0.8 / (len(names) + 1)
+    for j, t in enumerate(names + ["average"]):
+        vals = [100 * (np.mean([m["per_task"][s]["normalized_measured"] for s in names]) if t == "average"
+                       else m["per_task"][t]["normalized_measured"]) for m in merges]
+        ax.bar(np.arange(len(merges)) + j * w, vals, w, label=t, color="k" if t == "average" else f"C{j}")
+    ax.set_xticks(np.arange(len(merges)) + 0.4 - w / 2, [m["name"] for m in merges], rotation=20, ha="right",
+                  fontsize=8)
+    ax.set_ylabel("normalized accuracy (%)")
+    ax.axhline(100, color="k", lw=0.5)
+    ax.set_ylim(bottom=max(0, ax.get_ylim()[0]))
+    ax.legend(fontsize=7, ncol=3)
+    ax.set_title("merged / individually fine-tuned accuracy, per task")
+    return _save(fig, out / "normalized_accuracy.png")
+
+
+def fig_coefficients(val: dict | None, out: Path) -> str | None:
+    if not val or not val.get("coefficients", {}).get("grid"):
+        return None
+    plt = _plt()
+    c = val["coefficients"]
+    g = c["grid"]
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.plot([x["lambda"] for x in g], [100 * x["measured"] for x in g], "o-", label="measured (grid search)")
+    ax.plot([x["lambda"] for x in g], [100 * x["predicted"] for x in g], "s--", label="predicted (linearised)")
+    ch = c["chosen"]["global"]
+    lam = next(iter(ch["coefficients"].values()))
+    ax.plot([lam], [100 * ch["measured"]], "r*", ms=14, label=f"prediction-chosen λ={lam:g} (measured)")
+    ax.set_xlabel("λ (task arithmetic θ0 + λ·Στ)")
+    ax.set_ylabel("average normalized accuracy (%)")
+    ax.legend(fontsize=7)
+    return _save(fig, out / "coefficients.png")
+
+
+# --- the page ------------------------------------------------------------------------------------------------
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    h = "".join(f"<th>{html.escape(str(x))}</th>" for x in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _pct(x, signed=False):
+    if x is None:
+        return "–"
+    return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
+
+
+def summary_markdown(res: dict) -> str:
+    """The headline numbers as markdown (used in the README)."""
+    val = res.get("validation")
+    lines = []
+    if res.get("finetune"):
+        from .finetune import TaskResult, results_table
+
+        keys = TaskResult.__dataclass_fields__.keys()
+        lines += [results_table([TaskResult(**{k: v[k] for k in keys if k in v}) for v in res["finetune"].values()]), ""]
+    if val:
+        s = val["summary"]
+        c = val["coefficients"]
+        lines += [
+            "| measure | value |", "|---|---|",
+            f"| Spearman, predicted vs measured accuracy change (all {s['n_predictions']} merge×task pairs, "
+            f"first order) | {s['spearman_change']:.3f} |" if s.get("spearman_change") is not None else "",
+            f"| same, with the second-order term | {s['spearman_change_2nd']:.3f} |"
+            if s.get("spearman_change_2nd") is not None else "",
+            f"| mean absolute error, all predictions (points) | {s['mae_points']:.2f} (no-change baseline "
+            f"{s['mae_points_nochange_baseline']:.2f}) |",
+            f"| mean absolute error, trusted predictions (lin. error ≤ {s['threshold']}) | "
+            + (f"{s['mae_points_trusted']:.2f} ({s['n_trusted']} trusted, {s['n_untrusted']} flagged) |"
+               if s.get("mae_points_trusted") is not None else f"– (0 trusted, {s['n_untrusted']} flagged) |"),
+            "| interference matrix, Spearman predicted vs measured (off-diagonal) | "
+            + (f"{s['interference_spearman']:.3f} |" if s.get("interference_spearman") is not None else "– |"),
+            f"| grid-search best avg normalized accuracy (λ={c['grid_best_lambda']:g}, {c['grid_evaluations']} "
+            f"full evaluations) | {100 * c['grid_best_measured']:.2f}% |",
+            f"| prediction-chosen global λ (1 full evaluation) | {100 * c['chosen']['global']['measured']:.2f}% "
+            f"(gap {c['gap_points_global']:+.2f} points) |",
+            f"| prediction-chosen per-task coefficients (1 full evaluation) | "
+            f"{100 * c['chosen']['per_task']['measured']:.2f}% (gap {c['gap_points_per_task']:+.2f} points) |",
+        ]
+        lines = [x for x in lines if x != ""]
+        lines += ["", "| merge | avg normalized accuracy (measured) | predicted |", "|---|---|---|"]
+        for m in val["merges"]:
+            per = m["per_task"].values()
+            lines.append(f"| {m['name']} | {100 * np.mean([e['normalized_measured'] for e in per]):.2f}% | "
+                         f"{100 * np.mean([e['normalized_predicted'] for e in per]):.2f}% |")
+    return "\n".join(lines)
+
+
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}table{border-collapse:collapse;margin:1em 0;font-size:14px}
+td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}
+img{max-width:100%;border:1px solid #eee;margin:.5em 0}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;
+margin-top:2em}.note{color:#555;font-size:14px}code{background:#f5f5f5;padding:1px 4px}"""
+
+
+def write_report(run_dir, out: str | Path | None = None) -> Path:
+    """Write ``report.html`` + PNG figures (``RUN/report/``) and ``RUN/results.json``; return the page path."""
+    run_dir = Path(run_dir)
+    res = collect(run_dir)
+    out = Path(out) if out else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    val = res["validation"]
+    figs = {"curves": fig_learning_curves(res["finetune"], out)}
+    figs["spectra"], fits = fig_spectra(val, out)
+    figs["geometry"] = fig_geometry(val, out)
+    figs["interference"] = fig_interference(val, out)
+    figs["scatter"] = fig_scatter(val, out)
+    figs["normalized"] = fig_normalized(val, out)
+    figs["coefficients"] = fig_coefficients(val, out)
+    res["decay_fits"] = fits
+    res["summary_markdown"] = summary_markdown(res)
+    write_json(run_dir / "results.json", res)
+
+    meta = res["run"]
+    parts = [f"<h1>taskvec report</h1><p class=note>Run <code>{html.escape(str(run_dir))}</code>: base "
+             f"<code>{html.escape(str(meta.get('base_model', '')))}</code>, scope <code>{html.escape(str(meta.get('scope', '')))}"
+             f"</code>, tasks {html.escape(', '.join(meta.get('tasks', [])))}. All numbers below are measured by this "
+             "run and also saved in <code>results.json</code>.</p>"]
+    if res["finetune"]:
+        rows = [[t, _pct(log["majority_accuracy"]), _pct(log["probe_test_accuracy"]), _pct(log["test_accuracy"]),
+                 _pct(log["test_accuracy"] - log["probe_test_accuracy"], True), log["best_step"], log["steps"],
+                 log["stop_reason"][:60], f"{log['wall_time_s']:.0f}"] for t, log in res["finetune"].items()]
+        parts += ["<h2>1. Fine-tuning with early stopping</h2>",
+                  _table(rows, ["task", "majority %", "probe %", "fine-tuned %", "Δ points", "best step", "steps",
+                                "stop", "wall s"])]
+        if figs["curves"]:
+            parts.append(f'<img src="{figs["curves"]}" alt="learning curves">')
+    if val:
+        s, c = val["summary"], val["coefficients"]
+        parts += ["<h2>2. The base model's eNTK: spectra and eigenspaces</h2>"]
+        if figs["spectra"]:
+            parts.append(f'<img src="{figs["spectra"]}" alt="spectra">')
+        if val.get("eigen", {}).get("split_half"):
+            e = val["eigen"]
+            parts.append("<p class=note>Eigenspace overlap ‖V_Aᵀ V_B‖²_F / r between tasks' top-r parameter-space "
+                         f"eigenspaces (r = {e['rank']}, {e['n_kernel']} training inputs per task); a random "
+                         f"r-dimensional subspace gives {e['random_baseline']:.1e}; the same task split in halves "
+                         "gives " + ", ".join(f"{t}: {v:.2f}" for t, v in e["split_half"].items()) + ".</p>")
+        if figs["geometry"]:
+            parts.append(f'<img src="{figs["geometry"]}" alt="overlaps and cosines">')
+        parts += ["<h2>3. Interference: predicted vs measured</h2>"]
+        if figs["interference"]:
+            parts.append(f'<img src="{figs["interference"]}" alt="interference">')
+        if val.get("disentanglement"):
+            parts.append(_table([[f"{d['pair'][0]} + {d['pair'][1]}", f"{d['predicted']:.3f}", f"{d['measured']:.3f}"]
+                                 for d in val["disentanglement"]], ["pair", "predicted ξ", "measured ξ"]))
+        parts += ["<h2>4. Merges: predicted vs measured accuracy</h2>"]
+        if figs["scatter"]:
+            parts.append(f'<img src="{figs["scatter"]}" alt="predicted vs measured">')
+        rows = []
+        for m in val["merges"]:
+            for t, e in m["per_task"].items():
+                rows.append([m["name"], t, _pct(e["base"]), _pct(e["predicted"]), _pct(e.get("predicted_2nd")),
+                             _pct(e["measured"]), f"{e['lin_error']:.2f}", "yes" if e["trusted"] else "UNTRUSTED",
+                             _pct(e["normalized_measured"])])
+        parts.append(_table(rows, ["merge", "task", "base %", "predicted %", "predicted (2nd order) %", "measured %",
+                                   "lin. error", "trusted", "normalized %"]))
+        parts.append("<pre>" + html.escape(summary_markdown({"validation": val})) + "</pre>")
+        if figs["normalized"]:
+            parts.append(f'<img src="{figs["normalized"]}" alt="normalized accuracy">')
+        parts += ["<h2>5. Choosing coefficients from predictions</h2>"]
+        if figs["coefficients"]:
+            parts.append(f'<img src="{figs["coefficients"]}" alt="coefficients">')
+        parts.append(f"<p class=note>Grid search: {c['grid_evaluations']} full evaluations; prediction-chosen: 1. "
+                     f"Gap to the grid-search best: {c['gap_points_global']:+.2f} points (global λ), "
+                     f"{c['gap_points_per_task']:+.2f} points (per-task coefficients).</p>")
+        parts.append(f"<p class=note>Validation wall time {val['wall_time_s']:.0f} s on {html.escape(val['device'])}; "
+                     f"{val['evaluations']} merged models built and evaluated.</p>")
+    page = ("<!doctype html><html><head><meta charset=utf-8><title>taskvec report</title><style>" + CSS
+            + "</style></head><body>" + "\n".join(parts) + "</body></html>")
+    path = out / "report.html"
+    with atomic_file(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return path
