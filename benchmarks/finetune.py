@@ -54,7 +54,7 @@ def main(argv=None):
     if not a.no_readme and readme.exists() and dev == "cpu":
         s = readme.read_text()
         new = re.sub(r"(<!-- finetune-table:start -->\n).*?(<!-- finetune-table:end -->)",
-                     lambda m: m.group(1) + text + m.group(2), s, flags=re.S)
+                     lambda m: m.group(1) + text + m.group(2), s, flags=re.DOTALL)
         readme.write_text(new)
     return 0
 

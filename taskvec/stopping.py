@@ -17,8 +17,9 @@ resumable runs. New rules register with :func:`register_rule`; the loop never ch
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass
