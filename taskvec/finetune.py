@@ -269,6 +269,62 @@ def _load_trainable(model, state: dict[str, torch.Tensor]) -> None:
             params[n].copy_(v.to(params[n].device))
 
 
+class _SingleProcess:
+    """The few ``accelerate.Accelerator`` methods the loop uses, for machines without accelerate."""
+
+    is_main_process = is_local_main_process = True
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def prepare(self, *objs):
+        return objs
+
+    def prepare_data_loader(self, dl):
+        return _ToDevice(dl, self.device)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def clip_grad_norm_(self, params, max_norm):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def unwrap_model(self, model):
+        return model
+
+    def print(self, *a):
+        print(*a)
+
+    def wait_for_everyone(self):
+        pass
+
+
+class _ToDevice:
+    def __init__(self, dl, device):
+        self.dl, self.device = dl, device
+
+    def __iter__(self):
+        for b in self.dl:
+            yield {k: v.to(self.device) for k, v in b.items()}
+
+
+def _accelerator(device: str | None):
+    """``accelerate.Accelerator`` (multi-process aware) when installed, else a single-process stand-in."""
+    try:
+        from accelerate import Accelerator
+    except ImportError:
+        return _SingleProcess(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return Accelerator(cpu=(device == "cpu"))
+
+
+def _set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
 # --- one task ----------------------------------------------------------------------------------------
 
 
@@ -278,8 +334,6 @@ def finetune_task(base, task: Task, out_dir, config: FinetuneConfig | None = Non
 
     Resumes from ``<out_dir parent>/.<name>.ckpt/`` when present. Returns the :class:`TaskResult`.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
@@ -289,9 +343,9 @@ def finetune_task(base, task: Task, out_dir, config: FinetuneConfig | None = Non
     ckpt = out_dir.parent / f".{out_dir.name}.ckpt"
     if overwrite and ckpt.exists():
         shutil.rmtree(ckpt)
-    acc = accelerator or Accelerator(cpu=(config.device == "cpu"))
+    acc = accelerator or _accelerator(config.device)
     device = acc.device
-    set_seed(config.seed)
+    _set_seed(config.seed)
     t0 = time.time()
 
     splits = splits or make_splits(task, config.seed, config.test_size, config.val_size, config.max_train)
