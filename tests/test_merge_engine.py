@@ -78,11 +78,18 @@ def test_task_arithmetic_through_engine_is_exact_and_sharded(llamas, tmp_path):
     ("iso_c", {"lambda": 1.2}, None),
     ("linear", {}, [{"weight": 0.2}, {"weight": 0.3}, {"weight": 0.5}]),
 ])
-def test_streaming_equals_in_memory(llamas, tmp_path, method, params, mparams):
+@pytest.mark.parametrize("small_chunks", [False, True])
+def test_streaming_equals_in_memory(llamas, tmp_path, monkeypatch, method, params, mparams, small_chunks):
+    from taskvec.merge import methods as mm
     from taskvec.merge.engine import _tensor_seed, layer_position
 
+    if small_chunks:  # many chunks per tensor, and the sampled threshold bracket, on tiny tensors
+        monkeypatch.setattr(mm, "CHUNK", 100)
+        monkeypatch.setattr(mm, "SAMPLE_MIN_N", 500)
+        monkeypatch.setattr(mm, "SAMPLE_SIZE", 256)
     root, base, fts = llamas
     merge(_cfg(root, method, params, mparams), tmp_path / "out", show_progress=False)
+    monkeypatch.undo()  # the reference: whole tensors, no sampling
     got = _state(tmp_path / "out")
     m = get_method(method)
     mparams = mparams or [{}] * 3

@@ -65,6 +65,20 @@ def test_topk_mask_tie_rule_is_lowest_index_first():
             assert torch.equal(topk_mask(x, k), ref), (n, k)
 
 
+def test_topk_mask_streamed_in_small_chunks_with_sampling(monkeypatch):
+    from taskvec.merge import methods as mm
+
+    monkeypatch.setattr(mm, "CHUNK", 37)
+    monkeypatch.setattr(mm, "SAMPLE_MIN_N", 100)
+    monkeypatch.setattr(mm, "SAMPLE_SIZE", 128)
+    g = torch.Generator().manual_seed(2)
+    for x in (torch.randint(-4, 5, (3000,), generator=g).float(), torch.randn(3000, generator=g)):
+        for k in (1, 17, 1500, 2999):
+            ref = torch.zeros(3000, dtype=torch.bool)
+            ref[torch.sort(x.abs(), descending=True, stable=True).indices[:k]] = True
+            assert torch.equal(topk_mask(x, k), ref), k
+
+
 @pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
 def test_magnitude_prune_matches_reference_and_peft(density):
     from peft.utils.merge_utils import magnitude_based_pruning

@@ -29,9 +29,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,17 +125,27 @@ class Checkpoint:
             raise MergeError(f"cannot read safetensors file {f} (corrupted header?): {e}") from None
 
     def get(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` read into a new CPU tensor."""
+        """Tensor ``name`` as a CPU tensor over a private memory map of its bytes alone.
+
+        Nothing is copied until it is used; the map (copy-on-write, so in-place operations never
+        touch the file) is released with the tensor, so resident memory stays near the tensors in use.
+        """
         shape, dt = self.info[name]
         a, b = self._offsets[name]
-        t = torch.empty(shape, dtype=ST_DTYPES[dt])
-        if b > a:
+        dtype = ST_DTYPES[dt]
+        if b == a:
+            return torch.empty(shape, dtype=dtype)
+        start = a - a % mmap.ALLOCATIONGRANULARITY
+        try:
             with open(self.where[name], "rb") as fh:
-                fh.seek(a)
-                buf = t.view(-1).view(torch.uint8).numpy()
-                if fh.readinto(buf) != b - a:
-                    raise MergeError(f"{self.where[name]}: truncated data for tensor {name!r}")
-        return t
+                m = mmap.mmap(fh.fileno(), b - start, offset=start, flags=mmap.MAP_PRIVATE,
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError) as e:
+            raise MergeError(f"cannot read tensor {name!r} from {self.where[name]}: {e}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flat = torch.frombuffer(m, dtype=torch.uint8, offset=a - start, count=b - a)
+        return flat.view(dtype).view(shape)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.info[name][0]
@@ -193,8 +205,11 @@ class _Input:
     def covers(self, name: str) -> bool:
         return name in self.keys or name in self.lora
 
-    def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
-        """τ for base tensor ``name`` (``base`` is θ0 in the working dtype/device), None when zero."""
+    def delta(self, name: str, base: torch.Tensor, check: bool = True) -> torch.Tensor | None:
+        """τ for base tensor ``name`` (``base`` is θ0 in the working dtype/device), None when zero.
+
+        ``check``: raise on NaN/Inf in the input tensor (else the caller checks the result).
+        """
         if name in self.lora:
             d = self.adapter.delta(self.lora[name]).to(base.device, base.dtype)
             _check_finite(d, self.lora[name], self.path)
@@ -203,11 +218,19 @@ class _Input:
         if key is None:
             return None
         x = self.ckpt.get(key)
-        _check_finite(x, key, self.ckpt.where[key])
-        x = x.to(base.device, base.dtype, copy=True)
+        if check:
+            _check_finite(x, key, self.ckpt.where[key])
         if self.kind == "vector":
-            return x
-        return x.sub_(base)
+            return x.to(base.device, base.dtype)
+        if x.dtype == base.dtype:
+            return torch.sub(x.to(base.device), base)
+        return x.to(base.device, base.dtype).sub_(base)
+
+    def check(self, name: str) -> None:
+        """Raise naming the file and tensor if this input's tensor for ``name`` has NaN/Inf."""
+        if name in self.keys:
+            key = self.keys[name]
+            _check_finite(self.ckpt.get(key), key, self.ckpt.where[key])
 
 
 def _kind(path: Path) -> str:
@@ -387,13 +410,18 @@ def merged_tensors(p: _Plan, device: str = "cpu", dtype: torch.dtype | None = No
         if name not in p.merge or (not covered and method.name != "linear"):
             yield name, (raw.to(dtype) if dtype is not None and raw.is_floating_point() else raw)
             continue
-        _check_finite(raw, name, p.base.where[name])
+        if method.stream and torch.device(device).type == "cpu":
+            yield name, _streamed(p, name, raw, model_params, global_params, t=layer_position(name, p.num_layers),
+                                  out_dtype=dtype or raw.dtype, return_delta=return_delta)
+            continue
+        if method.drops:
+            _check_finite(raw, name, p.base.where[name])
         work_dtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
         base = raw.to(device, work_dtype)
         t = layer_position(name, p.num_layers)
         deltas, weights, per_model = [], [], {}
         for i, inp in enumerate(p.inputs):
-            d = inp.delta(name, base)
+            d = inp.delta(name, base, check=method.drops)
             deltas.append(d if d is not None else torch.zeros_like(base))
             for k, setting in model_params[i].items():
                 v = evaluate(setting, name, t)
@@ -408,8 +436,125 @@ def merged_tensors(p: _Plan, device: str = "cpu", dtype: torch.dtype | None = No
         if return_delta:
             yield name, delta.cpu()
             continue
-        out = base.add_(delta) if base is not raw else base + delta
+        out = delta.add_(base)  # = θ0 + Δ (addition is commutative in IEEE arithmetic)
+        if not method.drops:  # NaN/Inf in any input reaches the result: check once, then find it
+            s = out.sum(dtype=torch.float64 if out.dtype == torch.float64 else torch.float32)
+            if not torch.isfinite(s) and not bool(torch.isfinite(out).all()):
+                _check_finite(raw, name, p.base.where[name])
+                for inp in p.inputs:
+                    inp.check(name)
+                raise MergeError(f"merging tensor {name!r} produced NaN/Inf (overflow?)")
         yield name, out.to("cpu", dtype or raw.dtype)
+
+
+def _evaluated(p: _Plan, name: str, t: float, model_params, global_params):
+    """(weights, per-model params as lists, global params) of the method for tensor ``name``."""
+    method = p.cfg.method_def
+    per_model = {}
+    for mp in model_params:
+        for k, setting in mp.items():
+            v = evaluate(setting, name, t)
+            per_model.setdefault(k, []).append(method.param(k).default if v is None else v)
+    weights = per_model.pop("weight")
+    params = {k: (method.param(k).default if (v := evaluate(s, name, t)) is None else v)
+              for k, s in global_params.items()}
+    if "seed" in params:
+        params["seed"] = _tensor_seed(params["seed"], name)
+    return weights, per_model, params
+
+
+def _streamed(p: _Plan, name: str, raw: torch.Tensor, model_params, global_params, t: float, out_dtype,
+              return_delta=False) -> torch.Tensor:
+    """A streamable method (``Method.stream``) on the CPU, chunk by chunk; equal to the whole-tensor one.
+
+    Per task, the pruning rule (top-k threshold and tie quota) is found from a sample and one streamed
+    pass over |τ_t|; then each chunk of every τ_t = θ_t − θ0 is formed, pruned and combined while it
+    is in cache. Memory: the output tensor plus the inputs' mapped pages.
+    """
+    from . import methods
+    from .methods import combine, outlier_counts, select_topk
+
+    CHUNK = methods.CHUNK
+
+    method = p.cfg.method_def
+    weights, per_model, params = _evaluated(p, name, t, model_params, global_params)
+    work = torch.float64 if raw.dtype == torch.float64 else torch.float32
+    n = raw.numel()
+    bflat = raw.reshape(-1)
+    xs, is_delta, labels = [], [], []  # per input: flat tensor (θ_t, or τ_t for vectors/LoRA) or None
+    for inp in p.inputs:
+        if name in inp.lora:
+            xs.append(inp.adapter.delta(inp.lora[name]).reshape(-1))
+            labels.append((inp.lora[name], inp.path))
+        elif name in inp.keys:
+            xs.append(inp.ckpt.get(inp.keys[name]).reshape(-1))
+            labels.append((inp.keys[name], inp.ckpt.where[inp.keys[name]]))
+        else:
+            xs.append(None)
+            labels.append(None)
+        is_delta.append(inp.kind != "model")
+
+    def delta(i, a, b, bc):
+        x = xs[i]
+        if x is None:
+            return torch.zeros_like(bc)
+        return x[a:b].to(work, copy=True) if is_delta[i] else x[a:b].to(work) - bc
+
+    def abs_chunks(i):
+        def it():
+            for a in range(0, n, CHUNK):
+                b = min(n, a + CHUNK)
+                yield delta(i, a, b, bflat[a:b].to(work)).abs_()
+        return it
+
+    rules = [None] * len(xs)
+    if method.stream in ("magnitude", "outliers"):
+        for i, x in enumerate(xs):
+            density = per_model["density"][i]
+            if x is None or density >= 1:
+                continue
+            sample = None
+            if n >= methods.SAMPLE_MIN_N:  # |τ| at random positions (only speeds up the exact selection)
+                idx = torch.randint(0, n, (methods.SAMPLE_SIZE,), generator=torch.Generator().manual_seed(n))
+                xv = x[idx].to(work)
+                sample = (xv if is_delta[i] else xv - bflat[idx].to(work)).abs_().sort().values
+            if method.stream == "magnitude":
+                rules[i] = (select_topk(abs_chunks(i), n, max(1, int(density * n)), sample), None)
+            else:
+                keep, top = outlier_counts(n, density, per_model["gamma"][i])
+                rules[i] = (select_topk(abs_chunks(i), n, keep + top, sample),
+                            select_topk(abs_chunks(i), n, top, sample) if top else None)
+    out = torch.empty(raw.shape, dtype=work if return_delta else out_dtype)
+    oflat = out.view(-1)
+    kw = {k: v for k, v in params.items() if k not in ("int8_mask", "seed")}
+    for a in range(0, n, CHUNK):
+        b = min(n, a + CHUNK)
+        bc = bflat[a:b].to(work)
+        ds = [delta(i, a, b, bc) for i in range(len(xs))]
+        total = sum(float(d.sum()) for d in ds) + float(bc.sum())
+        if not math.isfinite(total):
+            _locate_nonfinite(p, name, raw, xs, labels, a, b)
+        for i, r in enumerate(rules):
+            if r is not None:
+                ad = ds[i].abs()
+                m = r[0].take(ad)
+                if r[1] is not None:
+                    m &= ~r[1].take(ad)
+                ds[i].mul_(m)
+        if method.stream == "elementwise":
+            res = method(bc, ds, weights, **per_model, **params)
+        else:
+            res = combine(ds, weights, consensus=method.consensus, normalize=kw["normalize"], lambda_=kw["lambda"])
+        oflat[a:b] = res if return_delta else res.add_(bc)
+    return out
+
+
+def _locate_nonfinite(p: _Plan, name, raw, xs, labels, a, b):
+    if not bool(torch.isfinite(raw.reshape(-1)[a:b]).all()):
+        raise MergeError(f"tensor {name!r} in {p.base.where[name]} contains NaN or Inf")
+    for x, label in zip(xs, labels):
+        if x is not None and not bool(torch.isfinite(x[a:b]).all()):
+            raise MergeError(f"tensor {label[0]!r} in {label[1]} contains NaN or Inf")
 
 
 class _ShardWriter:

@@ -35,31 +35,88 @@ class MergeError(TaskvecError, ValueError):
 # --- selection primitives -------------------------------------------------------------------------
 
 
-def _kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest value of a flat non-negative tensor ``a`` (1 ≤ k ≤ numel), exactly.
+CHUNK = 1 << 18  # elements per chunk of streamed element-wise work (1 MiB of float32: stays in cache)
+SAMPLE_MIN_N = 1 << 16  # tensors at least this large bracket their top-k threshold with a sample
+SAMPLE_SIZE = 1 << 15
 
-    A random sample brackets the answer, two counts check the bracket, and ``kthvalue`` runs only on
-    the values inside it; a bracket that misses falls back to ``kthvalue`` on the whole tensor. The
-    sample only affects speed, never the result.
+
+def chunks(x: torch.Tensor, size: int = CHUNK):
+    """Consecutive flat slices of ``x`` (views), in flat order."""
+    flat = x.reshape(-1)
+    for i in range(0, flat.numel(), size):
+        yield flat[i:i + size]
+
+
+@dataclass
+class TopK:
+    """The top-k rule in streaming form: keep |x| > ``v``, plus the first ``ties`` entries with |x| == ``v``
+    in flat order (the tie rule). :meth:`take` is called on consecutive chunks of |x| in flat order."""
+
+    v: float
+    ties: int = 0
+
+    def take(self, a: torch.Tensor) -> torch.Tensor:
+        m = a > self.v
+        if self.ties > 0:
+            eq = torch.nonzero(a == self.v).squeeze(1)[: self.ties]
+            m[eq] = True
+            self.ties -= eq.numel()
+        return m
+
+
+def select_topk(abs_chunks, n: int, k: int, sample: torch.Tensor | None = None) -> TopK:
+    """The :class:`TopK` rule keeping the k largest of n magnitudes, ties by lower flat index.
+
+    Exact and O(n): a sorted random ``sample`` of the magnitudes brackets the k-th largest value, one
+    streamed pass counts the entries above the bracket and collects those inside it, and ``kthvalue``
+    runs on that small set; if the bracket misses (or there is no sample) all magnitudes are gathered
+    and ``kthvalue`` runs on them. The sample only affects speed, never the result.
+
+    Args:
+        abs_chunks: callable returning a fresh iterator over chunks of |x| (float32/64), in flat order.
+        n: number of entries. k: number kept, 0 ≤ k ≤ n.
+        sample: optional sorted 1-D tensor of magnitudes at random positions.
     """
-    n = a.numel()
-    if n <= 1 << 16:
-        return torch.kthvalue(a, n - k + 1).values
-    s = 1 << 15
-    g = torch.Generator(device="cpu").manual_seed(n)
-    idx = torch.randint(0, n, (s,), generator=g).to(a.device)
-    sample = a[idx].sort().values
-    q = 1.0 - k / n  # fraction of entries below the threshold
-    margin = 6.0 * math.sqrt(s * q * (1 - q)) + 8
-    lo = sample[max(0, int(q * s - margin))]
-    hi = sample[min(s - 1, int(q * s + margin))]
-    above_hi = int(torch.count_nonzero(a > hi))
-    if above_hi < k:
-        band = a[(a > lo) & (a <= hi)]
-        need = k - above_hi  # rank of the answer, from the top, inside the band
+    if k >= n:
+        return TopK(-math.inf)
+    if k <= 0:
+        return TopK(math.inf)
+    if sample is not None and sample.numel() >= 64:
+        s = sample.numel()
+        q = 1.0 - k / n
+        margin = 6.0 * math.sqrt(s * q * (1 - q)) + 8
+        lo = float(sample[max(0, int(q * s - margin))])
+        hi = float(sample[min(s - 1, int(q * s + margin))])
+        above, band = 0, []
+        for a in abs_chunks():
+            above += int(torch.count_nonzero(a > hi))
+            band.append(a[(a > lo) & (a <= hi)])
+        band = torch.cat(band)
+        need = k - above
         if 0 < need <= band.numel():
-            return torch.kthvalue(band, band.numel() - need + 1).values
-    return torch.kthvalue(a, n - k + 1).values
+            v = torch.kthvalue(band, band.numel() - need + 1).values
+            greater = above + int(torch.count_nonzero(band > v))
+            return TopK(float(v), k - greater)
+    a = torch.cat([c.clone() for c in abs_chunks()])
+    v = torch.kthvalue(a, n - k + 1).values
+    return TopK(float(v), k - int(torch.count_nonzero(a > v)))
+
+
+def abs_sample(x: torch.Tensor) -> torch.Tensor:
+    """Sorted |x| (float32/64) at SAMPLE_SIZE random positions (seeded by numel: deterministic)."""
+    flat, size = x.reshape(-1), SAMPLE_SIZE
+    g = torch.Generator(device="cpu").manual_seed(flat.numel())
+    idx = torch.randint(0, flat.numel(), (size,), generator=g).to(flat.device)
+    s = flat[idx].abs()
+    return (s if s.dtype in (torch.float32, torch.float64) else s.float()).sort().values
+
+
+def _abs_chunks(x: torch.Tensor):
+    def it():
+        for c in chunks(x):
+            a = c.abs()
+            yield a if a.dtype in (torch.float32, torch.float64) else a.float()
+    return it
 
 
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -71,20 +128,9 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     Returns:
         bool tensor of ``x``'s shape with exactly k True entries.
     """
-    n = x.numel()
-    if k >= n:
-        return torch.ones_like(x, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    a = x.reshape(-1).abs()
-    if a.dtype not in (torch.float32, torch.float64):
-        a = a.float()
-    v = _kth_largest(a, k)
-    mask = a > v
-    need = k - int(torch.count_nonzero(mask))
-    if need > 0:  # entries equal to the threshold: lowest flat indices first
-        mask[torch.nonzero(a == v).squeeze(1)[:need]] = True
-    return mask.view(x.shape)
+    rule = select_topk(_abs_chunks(x), x.numel(), k, abs_sample(x) if x.numel() >= SAMPLE_MIN_N else None)
+    return torch.cat([rule.take(a) for a in _abs_chunks(x)()]).view(x.shape) if x.numel() else \
+        torch.zeros_like(x, dtype=torch.bool)
 
 
 def magnitude_prune(x: torch.Tensor, density: float) -> torch.Tensor:
@@ -117,13 +163,17 @@ def outlier_prune(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor
     """
     if density >= 1:
         return x
-    n = x.numel()
-    keep = max(1, int(density * n))
-    n_top = min(int(gamma * n), n - keep)
+    keep, n_top = outlier_counts(x.numel(), density, gamma)
     mask = topk_mask(x, keep + n_top)
     if n_top:
         mask &= ~topk_mask(x, n_top)
     return x * mask
+
+
+def outlier_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """(entries kept, largest entries dropped) of :func:`outlier_prune` for n entries."""
+    keep = max(1, int(density * n))
+    return keep, min(int(gamma * n), n - keep)
 
 
 def random_prune(x: torch.Tensor, density: float, generator: torch.Generator, rescale) -> torch.Tensor:
@@ -175,7 +225,7 @@ def combine(deltas: list[torch.Tensor], weights: list[float], *, consensus: bool
         if w != 1:
             d.mul_(w)
     if not consensus:
-        mixed = deltas[0].clone()
+        mixed = deltas[0]
         for d in deltas[1:]:
             mixed.add_(d)
         if normalize:
@@ -185,15 +235,17 @@ def combine(deltas: list[torch.Tensor], weights: list[float], *, consensus: bool
         total = deltas[0].clone()
         for d in deltas[1:]:
             total.add_(d)
-        negative = total < 0  # elected sign is − here, + elsewhere (including 0)
+        # elected sign, +1 where the total is +0.0 (a −0.0 total means every τ is ±0: nothing agrees)
+        sign = torch.ones_like(total).copysign_(total)
         del total
-        mixed = torch.zeros_like(deltas[0])
+        mixed = None
         divisor = torch.zeros_like(deltas[0]) if normalize else None
         for d, w in zip(deltas, weights):
-            agree = torch.where(negative, d < 0, d > 0)
-            mixed.add_(torch.where(agree, d, 0.0))
+            agreeing = d.mul(sign).clamp_(min=0)  # |τ| where the signs agree, else 0 (τ = 0 never agrees)
             if normalize:
-                divisor.add_(agree, alpha=w) if w != 1 else divisor.add_(agree)
+                divisor.add_(agreeing.sign(), alpha=w)
+            mixed = agreeing if mixed is None else mixed.add_(agreeing)
+        mixed.mul_(sign)  # exact: rounding is symmetric under negation
         if normalize:
             divisor[divisor == 0] = 1
             mixed.div_(divisor)
@@ -249,7 +301,7 @@ def ties(base, deltas, weights, *, density, normalize=True, lambda_=1.0):
 def _dare(deltas, density, seed, rescale):
     out = []
     for t, (d, p) in enumerate(zip(deltas, density)):
-        g = torch.Generator(device=d.device).manual_seed(int(seed) * 1_000_003 + t)
+        g = torch.Generator(device=d.device).manual_seed((int(seed) * 1_000_003 + t) % (1 << 63))
         out.append(random_prune(d, p, g, rescale))
     return out
 
@@ -437,7 +489,12 @@ class Method:
     doc: str
     mergekit: bool = True
     random: bool = False
-    param_map: dict = field(default_factory=dict)
+    drops: bool = False  # may zero entries: NaN/Inf in an input could vanish, so inputs are checked one by one
+    # Streaming form (used by the engine on CPU, chunk by chunk; equal to ``fn`` exactly): "elementwise"
+    # (``fn`` itself applies to any slice), or a per-task pruning rule ("magnitude" top-k, "outliers"
+    # of breadcrumbs) followed by :func:`combine` with ``consensus``. None: whole tensors only.
+    stream: str | None = None
+    consensus: bool = False
 
     @property
     def param_names(self) -> list[str]:
@@ -467,21 +524,25 @@ def register(method: Method) -> Method:
 
 
 for _m in [
-    Method("linear", linear, (WEIGHT, _normalize(True)), "weighted average of the models (model soup)"),
+    Method("linear", linear, (WEIGHT, _normalize(True)), "weighted average of the models (model soup)",
+           stream="elementwise"),
     Method("task_arithmetic", task_arithmetic, (WEIGHT, _normalize(False), LAMBDA, INT8_MASK),
-           "θ0 + λ·Σ w_t τ_t"),
+           "θ0 + λ·Σ w_t τ_t", stream="elementwise"),
     Method("ties", ties, (WEIGHT, DENSITY, _normalize(True), LAMBDA, INT8_MASK),
-           "trim to density, elect sign by total mass, disjoint weighted mean"),
+           "trim to density, elect sign by total mass, disjoint weighted mean", drops=True,
+           stream="magnitude", consensus=True),
     Method("dare_linear", dare_linear, (WEIGHT, DENSITY, _rescale_param(True), _normalize(False), LAMBDA,
                                         INT8_MASK, SEED), "random drop + rescale, then task arithmetic",
-           random=True),
+           random=True, drops=True),
     Method("dare_ties", dare_ties, (WEIGHT, DENSITY, _rescale_param(True), _normalize(False), LAMBDA,
                                     INT8_MASK, SEED), "random drop + rescale, then TIES sign election",
-           random=True),
+           random=True, drops=True),
     Method("breadcrumbs", breadcrumbs, (WEIGHT, DENSITY, GAMMA, _normalize(False), LAMBDA, INT8_MASK),
-           "drop largest (gamma) and smallest magnitudes, then task arithmetic"),
+           "drop largest (gamma) and smallest magnitudes, then task arithmetic", drops=True,
+           stream="outliers"),
     Method("breadcrumbs_ties", breadcrumbs_ties, (WEIGHT, DENSITY, GAMMA, _normalize(False), LAMBDA, INT8_MASK),
-           "breadcrumbs pruning, then TIES sign election"),
+           "breadcrumbs pruning, then TIES sign election", drops=True,
+           stream="outliers", consensus=True),
     Method("tsv", tsv, (WEIGHT, LAMBDA, Param("sv_reduction", None, _fraction_or_none,
                                               doc="fraction of the rank kept per task (default 1/T)")),
            "task singular vectors: per-task truncated SVD, orthogonalised, rebuilt", mergekit=False),
