@@ -24,6 +24,10 @@ _EXPORTS = {
     "FinetuneConfig": "taskvec.finetune", "finetune": "taskvec.finetune", "finetune_task": "taskvec.finetune",
     "extract_vectors": "taskvec.finetune", "evaluate": "taskvec.finetune", "results_table": "taskvec.finetune",
     "TaskVector": "taskvec.task_vector",
+    "empirical_ntk": "taskvec.ntk", "jacobian_features": "taskvec.ntk", "jvp_outputs": "taskvec.ntk",
+    "NTKResult": "taskvec.ntk", "spectrum_report": "taskvec.spectrum", "spectral_stopping_step": "taskvec.spectral",
+    "SpectralStopping": "taskvec.spectral", "validate_run": "taskvec.interference", "MergeSpec": "taskvec.interference",
+    "write_report": "taskvec.report", "run_pipeline": "taskvec.pipeline",
     "Patience": "taskvec.stopping", "StoppingRule": "taskvec.stopping", "register_rule": "taskvec.stopping",
 }
 

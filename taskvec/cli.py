@@ -31,6 +31,8 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluation interval (steps)")
     g.add_argument("--early-stopping", default=",".join(d.early_stopping),
                    help="comma-separated rules: patience, spectral, or none")
+    g.add_argument("--rule-arg", action="append", default=[], metavar="RULE.KEY=VALUE",
+                   help="keyword argument of a stopping rule, e.g. spectral.max_examples=256 (repeatable)")
     g.add_argument("--patience", type=int, default=d.patience)
     g.add_argument("--min-delta", type=float, default=d.min_delta)
     g.add_argument("--metric", default=d.metric, choices=["val_loss", "val_accuracy"])
@@ -56,7 +58,20 @@ def _finetune_config(a):
         patience=a.patience, min_delta=a.min_delta, metric=a.metric, max_length=a.max_length,
         max_train=a.max_train, test_size=a.test_size, val_size=a.val_size, seed=a.seed, lora_r=a.lora_r,
         lora_alpha=a.lora_alpha, lora_targets=a.lora_targets.split(",") if a.lora_targets else None,
-        use_rslora=a.rslora, device=a.device)
+        use_rslora=a.rslora, device=a.device, rule_args=_rule_args(a.rule_arg))
+
+
+def _rule_args(items: list[str]) -> dict:
+    import yaml
+
+    out: dict = {}
+    for it in items:
+        key, sep, value = it.partition("=")
+        rule, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise ValueError(f"--rule-arg {it!r}: expected RULE.KEY=VALUE, e.g. spectral.max_examples=256")
+        out.setdefault(rule, {})[name] = yaml.safe_load(value)
+    return out
 
 
 def cmd_models(a) -> int:
@@ -119,8 +134,9 @@ def cmd_merge(a) -> int:
 def cmd_ntk(a) -> int:
     from .ntk import run_ntk
 
-    res = run_ntk(a.run, n=a.n, params=a.params, mode=a.mode, overwrite=a.overwrite)
-    print(json.dumps(res, indent=2, default=str)[:4000] if not isinstance(res, str) else res)
+    res = run_ntk(a.run, out=a.out, n=a.n, params=a.params, mode=a.mode, output=a.output, kernel=a.kernel,
+                  cross=not a.no_cross, sketch_dim=a.sketch_dim, seed=a.seed, device=a.device)
+    print(json.dumps(res, indent=2, default=str))
     return 0
 
 
@@ -174,10 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("ntk", help="empirical NTK and spectra of a run's tasks")
     s.add_argument("run")
-    s.add_argument("--n", type=int, default=512, help="examples per task")
-    s.add_argument("--params", default="qkv")
+    s.add_argument("--out", default=None, help="output folder (default RUN/ntk)")
+    s.add_argument("--n", type=int, default=512, help="training examples per task")
+    s.add_argument("--params", default="qkv", help="scope or re:<regex> of the parameters")
     s.add_argument("--mode", default="exact", choices=["exact", "sketch", "reference"])
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--output", default="logits", choices=["logits", "margin", "loss"])
+    s.add_argument("--kernel", default="full", choices=["full", "trace", "diagonal"])
+    s.add_argument("--no-cross", action="store_true", help="skip the cross-task kernels")
+    s.add_argument("--sketch-dim", type=int, default=8192)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default=None)
     s.set_defaults(func=cmd_ntk)
 
     s = sub.add_parser("merge", help="merge checkpoints from a YAML config (taskvec or mergekit format)")

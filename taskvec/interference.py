@@ -244,7 +244,7 @@ def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 5
     models, eval_batches, kernel_batches, ft_acc_log = {}, {}, {}, {}
     for t in names:
         d = run_dir / "finetune" / t
-        models[t] = load_task_model(d, backbone=bb)
+        models[t] = load_task_model(d, backbone=bb).to(device)
         log = json.loads((d / "log.json").read_text())
         spec = json.loads((d / "head.json").read_text())
         ft_acc_log[t] = log["test_accuracy"]

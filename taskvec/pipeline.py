@@ -127,7 +127,7 @@ def run_pipeline(config="default", out="runs/default", overwrite: bool = False, 
         elif stage == "ntk":
             from .ntk import run_ntk
 
-            results["ntk"] = run_ntk(out, overwrite=overwrite or stale, **cfg.get("ntk", {}))
+            results["ntk"] = run_ntk(out, **cfg.get("ntk", {}))
         elif stage == "merge":
             from .merge import merge
 
