@@ -531,8 +531,14 @@ def _exact(jf1: _Jacobian, jf2: _Jacobian, b1, b2, symmetric, kind, want_groups,
     per_ex1 = o1 * jf1.p * itemsize
     chunk = jf1.chunk_size
     kernel_bytes = acc.kernel.numel() * 8 * (1 + len(acc.groups))
-    # a stored row block + one streamed chunk + float64 copies of one group tile each
-    work = chunk * max(o1, o2) * jf1.p * itemsize + 2 * chunk * max(o1, o2) * max(jf1.group_sizes.values()) * 8
+    def work_for(c):  # a stored row block + one streamed chunk + float64 copies of one group tile each
+        return c * max(o1, o2) * jf1.p * itemsize + 2 * c * max(o1, o2) * max(jf1.group_sizes.values()) * 8
+
+    # many outputs (o) make a default chunk too large for the budget: halve it until a block fits
+    while chunk > 1 and int((budget - work_for(chunk)) // per_ex1) < chunk:
+        chunk //= 2
+    jf1.chunk_size = jf2.chunk_size = chunk
+    work = work_for(chunk)
     rows = int((budget - work) // per_ex1)
     full_bytes = (n1 if symmetric else n1 + n2) * per_ex1
     if rows < chunk:
