@@ -67,14 +67,14 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     momentum: float = 0.0
     batch_size: int = 16
-    max_steps: int = 500
+    max_steps: int = 300
     warmup_steps: int = 0
     schedule: str = "constant"  # constant | linear
     grad_clip: float | None = 1.0
     loss: str = "ce"  # ce | mse
     eval_every: int = 50
     early_stopping: list[str] = field(default_factory=lambda: ["patience"])
-    patience: int = 3
+    patience: int = 2
     min_delta: float = 0.0
     metric: str = "val_loss"
     rule_args: dict = field(default_factory=dict)
