@@ -180,6 +180,22 @@ def subspace_overlap(A: Eigenspace, B: Eigenspace, K_AB: torch.Tensor) -> dict:
     return {"overlap": float((M ** 2).sum()) / r, "cosines": [float(c) for c in cos[:r]]}
 
 
+def eigenspace_component(model, batches, space: Eigenspace, delta: dict, jdelta: torch.Tensor | None = None,
+                         device=None) -> dict:
+    """V Vᵀ δ: the component of a parameter-space direction δ in a task's top-r eigenspace.
+
+    V = Jᵀ U Σ⁻¹ (orthonormal columns) for the task's Jacobian J on its kernel inputs (the examples of
+    ``batches``, in order), so V Vᵀ δ = Jᵀ U Σ⁻² Uᵀ (J δ): one JVP (skipped when ``jdelta`` = J δ, flattened
+    (n·o,), is given) and one VJP. Returns ``{name: tensor}`` with δ's keys.
+    """
+    if jdelta is None:
+        d = directional_outputs(model, batches, {"d": delta}, device=device)
+        jdelta = d.jvps["d"].double().reshape(-1)
+    w = space.U @ ((space.U.T @ jdelta.double()) / space.S2)
+    n = sum(b["input_ids"].shape[0] for b in batches)
+    return vjp_params(model, batches, w.reshape(n, -1).float(), list(delta), device=device)
+
+
 def _flat_kernel(res) -> torch.Tensor:
     """(n1, n2, o1, o2) kernel → (n1·o1, n2·o2) matrix, rows ordered (example, output)."""
     K = res.kernel if hasattr(res, "kernel") else res
@@ -311,17 +327,14 @@ def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 5
                  "spectra": {t: spaces[t].eigenvalues[:200].tolist() for t in names}}
         if ntk_aware:
             proj = {}
-            for t in names:  # τ_t' = τ_t − Σ_{s≠t} J_sᵀ U_s Σ_s⁻² U_sᵀ (J_s τ_t)
+            for t in names:  # τ_t' = τ_t − Σ_{s≠t} V_s V_sᵀ τ_t
                 delta = {k: v.float().clone() for k, v in vectors[t].deltas.items()}
                 for s in names:
-                    if s == t:
-                        continue
-                    w = spaces[s].U @ ((spaces[s].U.T @ jtau[(s, t)]) / spaces[s].S2)
-                    o = Ks[s].shape[0] // kin[s]["input_ids"].shape[0]
-                    back = vjp_params(models[s], kernel_batches[s], w.reshape(-1, o).float(), list(delta),
-                                      device=device)
-                    for k in delta:
-                        delta[k] -= back[k].cpu()
+                    if s != t:
+                        removed = eigenspace_component(models[s], kernel_batches[s], spaces[s], vectors[t].deltas,
+                                                       jtau[(s, t)], device)
+                        for k in delta:
+                            delta[k] -= removed[k].cpu()
                 proj[t] = delta
             ntk_sum = {k: sum(proj[t][k] for t in names if k in proj[t]) for k in keys}
             eigen["ntk_aware_removed_share"] = {

@@ -73,3 +73,40 @@ def test_validate_run_end_to_end(tiny_run):
     assert eig["random_baseline"] == pytest.approx(3 / eig["p"])
     assert set(r["finetuned_accuracy"]) == set(r["tasks"])
     assert r["coefficients"]["grid_evaluations"] == 2 and r["coefficients"]["chosen_evaluations"] == 1
+
+
+def test_eigenspace_component_is_the_orthogonal_projection():
+    """V Vᵀ δ computed by JVP + VJP equals the explicit projection on the top right singular vectors of J."""
+    from transformers import BertConfig, BertModel
+
+    from taskvec.interference import _flat_kernel, eigenspace_component
+    from taskvec.modeling import HeadSpec, LinearHead, TaskModel
+    from taskvec.ntk import empirical_ntk
+
+    torch.manual_seed(0)
+    bb = BertModel(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=16, attn_implementation="eager"))
+    m = TaskModel(bb, LinearHead(8, 2), HeadSpec("linear", "mean", 2)).double().eval()
+    ids = torch.randint(1, 50, (6, 5), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.zeros(6, dtype=torch.long)}
+    K = _flat_kernel(empirical_ntk(m, batch, params="qkv", kernel="full", groups=False))
+    space = top_eigenspace(K, 3)
+    names = [n for n, _ in m.backbone.named_parameters() if "attention.self" in n and n.endswith("weight")]
+    g = torch.Generator().manual_seed(2)
+    delta = {n: torch.randn(dict(m.backbone.named_parameters())[n].shape, generator=g, dtype=torch.float64)
+             for n in names}
+    got = eigenspace_component(m, [batch], space, delta)
+    # explicit Jacobian (n·o × p) by autograd, rows ordered (example, output)
+    params = [dict(m.backbone.named_parameters())[n] for n in names]
+    out = m(batch["input_ids"], batch["attention_mask"])
+    rows = []
+    for i in range(6):
+        for a in range(2):
+            gr = torch.autograd.grad(out[i, a], params, retain_graph=True)
+            rows.append(torch.cat([x.reshape(-1) for x in gr]))
+    J = torch.stack(rows)
+    V = torch.linalg.svd(J, full_matrices=False).Vh[:3].T
+    flat = torch.cat([delta[n].reshape(-1) for n in names])
+    want = V @ (V.T @ flat)
+    got_flat = torch.cat([got[n].double().reshape(-1) for n in names])
+    assert torch.allclose(got_flat, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
