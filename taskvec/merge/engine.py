@@ -34,6 +34,7 @@ import re
 import shutil
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -531,9 +532,9 @@ def _streamed(p: _Plan, name: str, raw: torch.Tensor, model_params, global_param
         b = min(n, a + CHUNK)
         bc = bflat[a:b].to(work)
         ds = [delta(i, a, b, bc) for i in range(len(xs))]
-        total = sum(float(d.sum()) for d in ds) + float(bc.sum())
-        if not math.isfinite(total):
-            _locate_nonfinite(p, name, raw, xs, labels, a, b)
+        if method.drops:  # pruning could hide a NaN/Inf: check every input (else the result, below)
+            if not math.isfinite(sum(float(d.sum()) for d in ds) + float(bc.sum())):
+                _locate_nonfinite(p, name, raw, xs, labels, a, b)
         for i, r in enumerate(rules):
             if r is not None:
                 ad = ds[i].abs()
@@ -545,7 +546,11 @@ def _streamed(p: _Plan, name: str, raw: torch.Tensor, model_params, global_param
             res = method(bc, ds, weights, **per_model, **params)
         else:
             res = combine(ds, weights, consensus=method.consensus, normalize=kw["normalize"], lambda_=kw["lambda"])
-        oflat[a:b] = res if return_delta else res.add_(bc)
+        if not return_delta:
+            res.add_(bc)
+        if not method.drops and not math.isfinite(float(res.sum())):
+            _locate_nonfinite(p, name, raw, xs, labels, a, b)
+        oflat[a:b] = res
     return out
 
 
@@ -582,6 +587,8 @@ class _ShardWriter:
         self.shards = shards
         self.pos = 0
         self.fh = None
+        self._pool = ThreadPoolExecutor(max_workers=1)  # writes overlap the next tensor's merge
+        self._pending = None
         self.cur_shard = -1
         self.total = sum(nb for s in shards for *_, nb in s)
 
@@ -602,13 +609,32 @@ class _ShardWriter:
         exp_name, shape, dt, shard = self.order[self.pos]
         if name != exp_name or tuple(t.shape) != tuple(shape) or t.dtype != dt:
             raise MergeError(f"internal: expected {exp_name} {shape} {dt}, got {name} {tuple(t.shape)} {t.dtype}")
+        self._wait()
         if shard != self.cur_shard:
             self._start(shard)
         if t.numel():
-            self.fh.write(t.detach().contiguous().view(-1).view(torch.uint8).numpy().data)
+            data = t.detach().contiguous().view(-1).view(torch.uint8).numpy()
+            self._pending = self._pool.submit(self.fh.write, data)  # at most one tensor in flight
         self.pos += 1
 
+    def _wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def abort(self) -> None:
+        """Stop after a failure: let the write in flight finish, close the file."""
+        try:
+            self._wait()
+        except Exception:
+            pass
+        self._pool.shutdown()
+        if self.fh is not None:
+            self.fh.close()
+
     def close(self) -> None:
+        self._wait()
+        self._pool.shutdown()
         while self.cur_shard < len(self.shards) - 1:  # empty trailing shards (only if nothing was planned)
             self._start(self.cur_shard + 1)
         if self.fh is not None:
@@ -690,8 +716,12 @@ def merge(config, out, overwrite: bool = False, device: str = "cpu", dtype: str 
                     dt = out_dtype
                 specs.append((name, shape, dt))
             writer = _ShardWriter(tmp, specs, cfg.shard_size)
-            for name, tensor in merged_tensors(p, device, out_dtype, progress=bar):
-                writer.write(name, tensor)
+            try:
+                for name, tensor in merged_tensors(p, device, out_dtype, progress=bar):
+                    writer.write(name, tensor)
+            except BaseException:
+                writer.abort()
+                raise
             writer.close()
             n_merged = sum(1 for n in p.names if n in p.merge and any(i.covers(n) for i in p.inputs))
             n_copied = len(p.names) - n_merged
