@@ -1,0 +1,58 @@
+"""Run the default pipeline (`taskvec run default`) end to end, timed, and publish its headline numbers.
+
+Writes analysis/results/default_<device>.md (the report's summary plus wall time and hardware) and, with
+--readme, replaces the README section between the `<!-- pipeline-results -->` markers with it. Every number
+comes from the run's own RUN/results.json.
+
+    .venv/bin/python analysis/default_pipeline.py --out runs/default --readme
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from taskvec.pipeline import run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="default")
+    p.add_argument("--out", default="runs/default")
+    p.add_argument("--overwrite", action="store_true", help="recompute every stage (timing a fresh run)")
+    p.add_argument("--readme", action="store_true", help="update the README section")
+    a = p.parse_args(argv)
+    t0 = time.time()
+    run_pipeline(a.config, a.out, overwrite=a.overwrite)
+    wall = time.time() - t0
+    res = json.loads((Path(a.out) / "results.json").read_text())
+    stages = json.loads((Path(a.out) / "pipeline.json").read_text()).get("wall_time_s", {})
+    cuda = torch.cuda.is_available()
+    hw = torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    per_stage = ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())
+    text = (f"Measured by `python analysis/default_pipeline.py` (`taskvec run default`: MiniLM, scope qkv, 4 tasks) "
+            f"on {hw}, torch {torch.__version__}: **{wall / 60:.1f} min** in total ({per_stage}). "
+            f"Full report: `{a.out}/report/report.html`.\n\n{res['summary_markdown']}\n")
+    print(text)
+    dev = "cuda" if cuda else "cpu"
+    (ROOT / "analysis" / "results" / f"default_{dev}.md").write_text(text)
+    if a.readme:
+        readme = ROOT / "README.md"
+        s = readme.read_text()
+        s = re.sub(r"(<!-- pipeline-results:start -->\n).*?(<!-- pipeline-results:end -->)",
+                   lambda m: m.group(1) + text + m.group(2), s, flags=re.DOTALL)
+        readme.write_text(s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
