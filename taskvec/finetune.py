@@ -147,7 +147,7 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, kind: str = "ce") -> tor
     return 0.5 * ((logits - onehot) ** 2).sum(-1).mean()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: TaskModel, batches, loss: str = "ce", accelerator=None, device=None) -> dict:
     """Accuracy and mean loss of ``model`` over tokenised batches (eval mode; restores the mode after).
 
@@ -210,8 +210,8 @@ def build_task_model(base, task: Task, tokenizer, train_batches: Batches | None,
         if train_batches is None:
             raise TaskvecError("a probe head needs training batches")
         model.to(device or "cpu")
-        feats = extract_features(model, train_batches, device)
-        W, b = fit_probe(feats, train_batches.labels.numpy(), task.num_labels, C=config.probe_C, seed=config.seed)
+        feats, labels = extract_features(model, train_batches, device)
+        W, b = fit_probe(feats, labels, task.num_labels, C=config.probe_C, seed=config.seed)
         with torch.no_grad():
             model.head.linear.weight.copy_(torch.from_numpy(W))
             model.head.linear.bias.copy_(torch.from_numpy(b))
@@ -360,8 +360,8 @@ def finetune_task(base, task: Task, out_dir, config: FinetuneConfig | None = Non
             prompt = task.prompt
     mk = {"max_length": config.max_length, "prompt": prompt}
     train = Batches(tok, task, splits.train, config.batch_size, shuffle=True, seed=config.seed, **mk)
-    probe_batches = Batches(tok, task, splits.train, config.eval_batch_size, **mk)
     ev = dict(mk, sort_by_length=True)
+    probe_batches = Batches(tok, task, splits.train, config.eval_batch_size, **ev)
     val = Batches(tok, task, splits.val, config.eval_batch_size, **ev) if splits.val else None
     test = Batches(tok, task, splits.test, config.eval_batch_size, **ev)
 

@@ -313,17 +313,21 @@ def make_head(spec: HeadSpec, backbone: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def extract_features(model: TaskModel, batches, device=None) -> np.ndarray:
-    """Pooled features ``(n, hidden)`` (float64 numpy) of tokenised batches, model in eval mode."""
+def extract_features(model: TaskModel, batches, device=None) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled features ``(n, hidden)`` (float64) and labels ``(n,)`` of tokenised batches, in batch order,
+    model in eval mode."""
     was = model.training
     model.eval()
-    feats = []
+    feats, labels = [], []
     for b in batches:
+        labels.append(b["labels"].numpy())
         b = {k: v.to(device) if device is not None else v for k, v in b.items() if k != "labels"}
         feats.append(model.features(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
                      .double().cpu().numpy())
     model.train(was)
-    return np.concatenate(feats) if feats else np.zeros((0, model.config.hidden_size))
+    if not feats:
+        return np.zeros((0, model.config.hidden_size)), np.zeros(0, dtype=np.int64)
+    return np.concatenate(feats), np.concatenate(labels)
 
 
 def fit_probe(features: np.ndarray, labels: np.ndarray, num_labels: int, C: float = 1.0,

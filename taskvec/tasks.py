@@ -397,12 +397,15 @@ class Batches:
 
     Each batch is a dict of tensors ``input_ids`` / ``attention_mask`` (``(B, L)``, padded to the batch's
     longest example), ``token_type_ids`` when the tokenizer makes them, and ``labels`` ``(B,)``.
-    ``shuffle`` re-shuffles every epoch with ``seed + epoch``; ``sort_by_length`` (evaluation) batches
-    examples of similar length together to cut padding. ``labels`` follow the order of ``indices``.
+    ``shuffle`` re-shuffles every epoch with ``seed + epoch`` (with ``group_by_length``, batches are cut from
+    length-sorted megabatches of 50 batches and then shuffled, as transformers' ``group_by_length`` does, to
+    cut padding); ``sort_by_length`` (evaluation) orders examples by length. ``labels`` follow the order of
+    ``indices``; every batch carries its own ``labels``.
     """
 
     def __init__(self, tokenizer, task: Task, indices, batch_size: int = 32, max_length: int = 128,
-                 prompt: str | None = None, shuffle: bool = False, seed: int = 0, sort_by_length: bool = False):
+                 prompt: str | None = None, shuffle: bool = False, seed: int = 0, sort_by_length: bool = False,
+                 group_by_length: bool = True):
         import torch
 
         self.task, self.indices = task, list(indices)
@@ -414,6 +417,7 @@ class Batches:
         self._enc = [{k: enc[k][i] for k in enc} for i in range(len(a))]
         self.labels = torch.tensor([task.labels[i] for i in self.indices], dtype=torch.long)
         self.sort_by_length = sort_by_length and not shuffle
+        self.group_by_length = group_by_length
 
     def __len__(self) -> int:
         return (len(self.indices) + self.batch_size - 1) // self.batch_size
@@ -424,10 +428,21 @@ class Batches:
 
     def order(self, epoch: int) -> list[int]:
         order = list(range(len(self.indices)))
+        length = lambda j: len(self._enc[j]["input_ids"])  # noqa: E731
         if self.shuffle:
-            random.Random(self.seed + epoch).shuffle(order)
+            rng = random.Random(self.seed + epoch)
+            rng.shuffle(order)
+            if self.group_by_length:
+                # megabatches of 50 batches sorted by length, batches shuffled: less padding, still random
+                mega = 50 * self.batch_size
+                batches = []
+                for s in range(0, len(order), mega):
+                    chunk = sorted(order[s:s + mega], key=length, reverse=True)
+                    batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+                rng.shuffle(batches)
+                order = [j for b in batches for j in b]
         elif self.sort_by_length:
-            order.sort(key=lambda j: len(self._enc[j]["input_ids"]))
+            order.sort(key=length)
         return order
 
     def batch(self, positions) -> dict:
