@@ -211,6 +211,13 @@ def load_config(config: str | os.PathLike | dict | MergeConfig, **overrides) -> 
     """
     if isinstance(config, MergeConfig):
         cfg = config
+        known = {"method", "dtype", "seed", "shard_size", "lora_rank", "allow_different_tokenizers"}
+        extra = {k for k, v in overrides.items() if v is not None} - known
+        if extra:
+            raise MergeError(f"cannot override {sorted(extra)} of a MergeConfig; valid: {', '.join(sorted(known))}")
+        for k in known & set(overrides):
+            if overrides[k] is not None:
+                setattr(cfg, k, _parse_size(overrides[k]) if k == "shard_size" else overrides[k])
         _validate(cfg)
         return cfg
     root = None

@@ -35,12 +35,13 @@ import shutil
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..errors import OutputExistsError, ShapeMismatchError
+from ..errors import ShapeMismatchError
 from ..io import atomic_dir, check_output
 from .config import DTYPES, VECTOR_FORMAT, MergeConfig, dump_yaml, evaluate, load_config, to_mergekit
 from .lora import LoraAdapter, factorize, write_adapter
@@ -501,57 +502,80 @@ def _streamed(p: _Plan, name: str, raw: torch.Tensor, model_params, global_param
             return torch.zeros_like(bc)
         return x[a:b].to(work, copy=True) if is_delta[i] else x[a:b].to(work) - bc
 
-    def abs_chunks(i):
-        def it():
-            for a in range(0, n, CHUNK):
-                b = min(n, a + CHUNK)
-                yield delta(i, a, b, bflat[a:b].to(work)).abs_()
-        return it
+    def abs_chunk(i):
+        return lambda a: delta(i, a, min(n, a + CHUNK), bflat[a:min(n, a + CHUNK)].to(work)).abs_()
 
-    rules = [None] * len(xs)
-    if method.stream in ("magnitude", "outliers"):
-        for i, x in enumerate(xs):
-            density = per_model["density"][i]
-            if x is None or density >= 1:
-                continue
-            sample = None
-            if n >= methods.SAMPLE_MIN_N:  # |τ| at random positions (only speeds up the exact selection)
-                idx = torch.randint(0, n, (methods.SAMPLE_SIZE,), generator=torch.Generator().manual_seed(n))
-                xv = x[idx].to(work)
-                sample = (xv if is_delta[i] else xv - bflat[idx].to(work)).abs_().sort().values
-            if method.stream == "magnitude":
-                rules[i] = (select_topk(abs_chunks(i), n, max(1, int(density * n)), sample), None)
+    with _chunk_workers() as pmap:
+        rules = [None] * len(xs)
+        if method.stream in ("magnitude", "outliers"):
+            for i, x in enumerate(xs):
+                density = per_model["density"][i]
+                if x is None or density >= 1:
+                    continue
+                sample = None
+                if n >= methods.SAMPLE_MIN_N:  # |τ| at random positions (only speeds up the exact selection)
+                    idx = torch.randint(0, n, (methods.SAMPLE_SIZE,), generator=torch.Generator().manual_seed(n))
+                    xv = x[idx].to(work)
+                    sample = (xv if is_delta[i] else xv - bflat[idx].to(work)).abs_().sort().values
+                if method.stream == "magnitude":
+                    rules[i] = (select_topk(abs_chunk(i), n, max(1, int(density * n)), sample, pmap), None)
+                else:
+                    keep, top = outlier_counts(n, density, per_model["gamma"][i])
+                    rules[i] = (select_topk(abs_chunk(i), n, keep + top, sample, pmap),
+                                select_topk(abs_chunk(i), n, top, sample, pmap) if top else None)
+        out = torch.empty(raw.shape, dtype=work if return_delta else out_dtype)
+        oflat = out.view(-1)
+        kw = {k: v for k, v in params.items() if k not in ("int8_mask", "seed")}
+
+        def one_chunk(a):
+            b = min(n, a + CHUNK)
+            bc = bflat[a:b].to(work)
+            ds = [delta(i, a, b, bc) for i in range(len(xs))]
+            if method.drops:  # pruning could hide a NaN/Inf: check every input (else the result, below)
+                if not math.isfinite(sum(float(d.sum()) for d in ds) + float(bc.sum())):
+                    _locate_nonfinite(p, name, raw, xs, labels, a, b)
+            for i, r in enumerate(rules):
+                if r is not None:
+                    ad = ds[i].abs()
+                    m = r[0].take(ad, a)
+                    if r[1] is not None:
+                        m &= ~r[1].take(ad, a)
+                    ds[i].mul_(m)
+            if method.stream == "elementwise":
+                res = method(bc, ds, weights, **per_model, **params)
             else:
-                keep, top = outlier_counts(n, density, per_model["gamma"][i])
-                rules[i] = (select_topk(abs_chunks(i), n, keep + top, sample),
-                            select_topk(abs_chunks(i), n, top, sample) if top else None)
-    out = torch.empty(raw.shape, dtype=work if return_delta else out_dtype)
-    oflat = out.view(-1)
-    kw = {k: v for k, v in params.items() if k not in ("int8_mask", "seed")}
-    for a in range(0, n, CHUNK):
-        b = min(n, a + CHUNK)
-        bc = bflat[a:b].to(work)
-        ds = [delta(i, a, b, bc) for i in range(len(xs))]
-        if method.drops:  # pruning could hide a NaN/Inf: check every input (else the result, below)
-            if not math.isfinite(sum(float(d.sum()) for d in ds) + float(bc.sum())):
+                res = combine(ds, weights, consensus=method.consensus, normalize=kw["normalize"],
+                              lambda_=kw["lambda"])
+            if not return_delta:
+                res.add_(bc)
+            if not method.drops and not math.isfinite(float(res.sum())):
                 _locate_nonfinite(p, name, raw, xs, labels, a, b)
-        for i, r in enumerate(rules):
-            if r is not None:
-                ad = ds[i].abs()
-                m = r[0].take(ad)
-                if r[1] is not None:
-                    m &= ~r[1].take(ad)
-                ds[i].mul_(m)
-        if method.stream == "elementwise":
-            res = method(bc, ds, weights, **per_model, **params)
-        else:
-            res = combine(ds, weights, consensus=method.consensus, normalize=kw["normalize"], lambda_=kw["lambda"])
-        if not return_delta:
-            res.add_(bc)
-        if not method.drops and not math.isfinite(float(res.sum())):
-            _locate_nonfinite(p, name, raw, xs, labels, a, b)
-        oflat[a:b] = res
+            oflat[a:b] = res
+
+        for _ in pmap(one_chunk, range(0, n, CHUNK)):
+            pass
     return out
+
+
+_POOL: dict[int, ThreadPoolExecutor] = {}
+
+
+@contextmanager
+def _chunk_workers():
+    """A ``map`` over chunks run by as many Python threads as torch has intra-op threads, with torch
+    single-threaded meanwhile. Small per-chunk ops under OpenMP stall badly when the cores are shared
+    (measured: 113 s instead of 7 s for a 0.5B task arithmetic under load); independent chunks on
+    plain threads do not. Results come back in order, so outputs do not depend on scheduling."""
+    workers = torch.get_num_threads()
+    if workers <= 1:
+        yield map
+        return
+    pool = _POOL.get(workers) or _POOL.setdefault(workers, ThreadPoolExecutor(workers))
+    torch.set_num_threads(1)
+    try:
+        yield pool.map
+    finally:
+        torch.set_num_threads(workers)
 
 
 def _locate_nonfinite(p: _Plan, name, raw, xs, labels, a, b):
@@ -784,4 +808,4 @@ def _write_lora(p: _Plan, dest: Path, device, out_dtype, bar) -> int:
     return len(factors)
 
 
-__all__ = ["merge", "plan", "align", "Checkpoint", "MergeResult", "OutputExistsError", "merged_tensors"]
+__all__ = ["merge", "plan", "align", "Checkpoint", "MergeResult", "merged_tensors"]

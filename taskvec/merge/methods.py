@@ -40,66 +40,68 @@ SAMPLE_MIN_N = 1 << 16  # tensors at least this large bracket their top-k thresh
 SAMPLE_SIZE = 1 << 15
 
 
-def chunks(x: torch.Tensor, size: int = CHUNK):
-    """Consecutive flat slices of ``x`` (views), in flat order."""
-    flat = x.reshape(-1)
-    for i in range(0, flat.numel(), size):
-        yield flat[i:i + size]
-
-
 @dataclass
 class TopK:
-    """The top-k rule in streaming form: keep |x| > ``v``, plus the first ``ties`` entries with |x| == ``v``
-    in flat order (the tie rule). :meth:`take` is called on consecutive chunks of |x| in flat order."""
+    """The top-k rule in streaming form: keep |x| > ``v``, plus the entries at flat positions ``tie_idx``
+    (the first entries with |x| == ``v`` in flat order: the tie rule). :meth:`take` masks any chunk."""
 
     v: float
-    ties: int = 0
+    tie_idx: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
-    def take(self, a: torch.Tensor) -> torch.Tensor:
+    def take(self, a: torch.Tensor, start: int) -> torch.Tensor:
+        """Mask of the kept entries of the chunk ``a`` = |x|[start : start + len(a)]."""
         m = a > self.v
-        if self.ties > 0:
-            eq = torch.nonzero(a == self.v).squeeze(1)[: self.ties]
-            m[eq] = True
-            self.ties -= eq.numel()
+        if self.tie_idx.numel():
+            t = self.tie_idx
+            t = t[(t >= start) & (t < start + a.numel())] - start
+            if t.numel():
+                m[t.to(m.device)] = True
         return m
 
 
-def select_topk(abs_chunks, n: int, k: int, sample: torch.Tensor | None = None) -> TopK:
+def select_topk(abs_chunk, n: int, k: int, sample: torch.Tensor | None = None, pmap=map) -> TopK:
     """The :class:`TopK` rule keeping the k largest of n magnitudes, ties by lower flat index.
 
     Exact and O(n): a sorted random ``sample`` of the magnitudes brackets the k-th largest value, one
-    streamed pass counts the entries above the bracket and collects those inside it, and ``kthvalue``
-    runs on that small set; if the bracket misses (or there is no sample) all magnitudes are gathered
-    and ``kthvalue`` runs on them. The sample only affects speed, never the result.
+    streamed pass counts the entries above the bracket and collects those inside it (with their
+    positions), and ``kthvalue`` runs on that small set; if the bracket misses (or there is no sample)
+    all magnitudes are gathered. The sample only affects speed, never the result.
 
     Args:
-        abs_chunks: callable returning a fresh iterator over chunks of |x| (float32/64), in flat order.
+        abs_chunk: ``abs_chunk(start)`` returns |x| (float32/64) at flat positions start .. start+CHUNK.
         n: number of entries. k: number kept, 0 ≤ k ≤ n.
         sample: optional sorted 1-D tensor of magnitudes at random positions.
+        pmap: a ``map`` (e.g. a thread pool's) applied over chunk starts; results are used in order.
     """
     if k >= n:
         return TopK(-math.inf)
     if k <= 0:
         return TopK(math.inf)
+    starts = range(0, n, CHUNK)
     if sample is not None and sample.numel() >= 64:
         s = sample.numel()
         q = 1.0 - k / n
         margin = 6.0 * math.sqrt(s * q * (1 - q)) + 8
         lo = float(sample[max(0, int(q * s - margin))])
         hi = float(sample[min(s - 1, int(q * s + margin))])
-        above, band = 0, []
-        for a in abs_chunks():
-            above += int(torch.count_nonzero(a > hi))
-            band.append(a[(a > lo) & (a <= hi)])
-        band = torch.cat(band)
+
+        def scan(start):
+            a = abs_chunk(start)
+            inside = (a > lo) & (a <= hi)
+            return int(torch.count_nonzero(a > hi)), a[inside], torch.nonzero(inside).squeeze(1) + start
+
+        parts = list(pmap(scan, starts))
+        above = sum(p[0] for p in parts)
+        band, pos = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
         need = k - above
         if 0 < need <= band.numel():
             v = torch.kthvalue(band, band.numel() - need + 1).values
-            greater = above + int(torch.count_nonzero(band > v))
-            return TopK(float(v), k - greater)
-    a = torch.cat([c.clone() for c in abs_chunks()])
+            ties = k - above - int(torch.count_nonzero(band > v))
+            return TopK(float(v), pos[band == v][:ties])
+    a = torch.cat(list(pmap(lambda start: abs_chunk(start).clone(), starts)))
     v = torch.kthvalue(a, n - k + 1).values
-    return TopK(float(v), k - int(torch.count_nonzero(a > v)))
+    ties = k - int(torch.count_nonzero(a > v))
+    return TopK(float(v), torch.nonzero(a == v).squeeze(1)[:ties])
 
 
 def abs_sample(x: torch.Tensor) -> torch.Tensor:
@@ -111,14 +113,6 @@ def abs_sample(x: torch.Tensor) -> torch.Tensor:
     return (s if s.dtype in (torch.float32, torch.float64) else s.float()).sort().values
 
 
-def _abs_chunks(x: torch.Tensor):
-    def it():
-        for c in chunks(x):
-            a = c.abs()
-            yield a if a.dtype in (torch.float32, torch.float64) else a.float()
-    return it
-
-
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest-magnitude entries of ``x`` (same shape), ties by lower flat index.
 
@@ -128,9 +122,16 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     Returns:
         bool tensor of ``x``'s shape with exactly k True entries.
     """
-    rule = select_topk(_abs_chunks(x), x.numel(), k, abs_sample(x) if x.numel() >= SAMPLE_MIN_N else None)
-    return torch.cat([rule.take(a) for a in _abs_chunks(x)()]).view(x.shape) if x.numel() else \
-        torch.zeros_like(x, dtype=torch.bool)
+    flat = x.reshape(-1)
+    if not flat.numel():
+        return torch.zeros_like(x, dtype=torch.bool)
+
+    def abs_chunk(start):
+        a = flat[start:start + CHUNK].abs()
+        return a if a.dtype in (torch.float32, torch.float64) else a.float()
+
+    rule = select_topk(abs_chunk, flat.numel(), k, abs_sample(x) if flat.numel() >= SAMPLE_MIN_N else None)
+    return torch.cat([rule.take(abs_chunk(a), a) for a in range(0, flat.numel(), CHUNK)]).view(x.shape)
 
 
 def magnitude_prune(x: torch.Tensor, density: float) -> torch.Tensor:
