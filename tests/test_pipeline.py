@@ -30,7 +30,9 @@ def test_pipeline_end_to_end_on_a_tiny_model(tiny_bert, tmp_path):
         p = tmp_path / f"{name}.csv"
         p.write_text("text,label\n" + "".join(f'"{x}",{t.label_names[y]}\n' for x, y in zip(t.texts, t.labels)))
         paths.append(str(p))
-    cfg = {"model": str(tiny_bert), "tasks": paths, "stages": ["finetune", "vectors", "merge", "validate", "report"],
+    cfg = {"model": str(tiny_bert), "tasks": paths,
+           "stages": ["finetune", "vectors", "ntk", "merge", "validate", "report"],
+           "ntk": {"n": 8, "num_boot": 4},
            "finetune": {"max_steps": 12, "eval_every": 6, "lr": 3e-3, "test_size": 24, "val_size": 12,
                         "device": "cpu"},
            "merge": {"methods": [{"method": "task_arithmetic", "lambda": 0.5}, {"method": "ties", "density": 0.5}]},
@@ -39,6 +41,7 @@ def test_pipeline_end_to_end_on_a_tiny_model(tiny_bert, tmp_path):
     res = run_pipeline(cfg, out)
     assert set(res["finetune"]["tasks"]) == {"alpha", "beta"}
     assert (out / "merges").is_dir() and len(list((out / "merges").iterdir())) == 2
+    assert (out / "ntk" / "alpha.spectrum.json").exists() and set(res["ntk"]) >= {"alpha", "beta"}
     assert (out / "report" / "report.html").exists() and (out / "report" / "interference.png").exists()
     saved = json.loads((out / "results.json").read_text())
     assert saved["validation"]["summary"]["n_predictions"] == 2 * 4  # 2 merges + ntk-aware + TA at λ*
