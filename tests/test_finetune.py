@@ -164,3 +164,25 @@ def test_real_minilm_beats_majority(tmp_path):
                          device="cpu")
     r = finetune_task("minilm", t, tmp_path / "sms", cfg, progress=False)
     assert r.test_accuracy > r.majority_accuracy + 0.02
+
+
+@pytest.mark.slow
+def test_smollm2_converts_once_and_classifies_with_label_words(tmp_path, monkeypatch):
+    """The embedded decoder: converted from its GGUF into a cached safetensors dir, then a label-word head."""
+    import time
+
+    from taskvec.modeling import resolve_model
+    from taskvec.tasks import load_task
+
+    monkeypatch.setenv("TASKVEC_CACHE", str(tmp_path / "cache"))
+    path = resolve_model("smollm2")
+    assert (path / "model.safetensors").exists() and (path / "config.json").exists()
+    t0 = time.time()
+    assert resolve_model("smollm2") == path and time.time() - t0 < 1.0  # cached: no second conversion
+    t = load_task("sms_spam")
+    cfg = FinetuneConfig(max_steps=2, eval_every=2, lr=1e-5, max_train=32, test_size=32, val_size=16,
+                         device="cpu", batch_size=4, max_length=48)
+    r = finetune_task("smollm2", t, tmp_path / "sms", cfg, progress=False)
+    spec = json.loads((tmp_path / "sms" / "head.json").read_text())
+    assert spec["kind"] == "label_words" and spec["label_words"] == ["normal", "spam"]
+    assert r.probe_test_accuracy > 0.5  # the instruct model already separates spam from normal messages
