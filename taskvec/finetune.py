@@ -182,7 +182,9 @@ def evaluate(model: TaskModel, batches, loss: str = "ce", accelerator=None, devi
 def build_task_model(base, task: Task, tokenizer, train_batches: Batches | None, config: FinetuneConfig,
                      device=None) -> TaskModel:
     """Backbone of ``base`` plus a head for ``task`` (probe-initialised, label words, or random)."""
-    backbone = load_backbone(base, attn_implementation=config.attn_implementation)
+    # kernels need per-example gradients under vmap, which fall back to a slow loop over fused SDPA
+    attn = "eager" if "spectral" in config.early_stopping else config.attn_implementation
+    backbone = load_backbone(base, attn_implementation=attn)
     dec = is_decoder(backbone.config)
     kind = config.head
     if kind == "auto":
@@ -412,6 +414,8 @@ def finetune_task(base, task: Task, out_dir, config: FinetuneConfig | None = Non
         acc.print(f"[{task.name}] resuming at step {step}")
     for r in rules:
         r.start(ctx)
+        if step == 0 and base_val is not None:  # the base (probe head) is the first candidate checkpoint
+            r.update(0, {"step": 0, "val_loss": base_val["loss"], "val_accuracy": base_val["accuracy"]})
     if best_state is None:
         best_state = _trainable_state(unwrapped)
         best_metric = None if base_val is None else base_val["accuracy" if mode_max else "loss"]
