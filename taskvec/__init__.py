@@ -35,8 +35,8 @@ _EXPORTS = {
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name == "merge":  # taskvec.merge(...) is the merge engine's entry point
-        return importlib.import_module("taskvec.merge").merge
+    if name == "merge":  # the package; calling it (taskvec.merge(config, out)) runs taskvec.merge.merge
+        return importlib.import_module("taskvec.merge")
     raise AttributeError(f"module 'taskvec' has no attribute {name!r}")
 
 

@@ -121,13 +121,12 @@ def cmd_vectors(a) -> int:
 
 
 def cmd_merge(a) -> int:
-    from . import merge as merge_pkg
+    from .merge import merge
 
-    kw = {"overwrite": a.overwrite, "device": a.device}
-    if a.dtype:
-        kw["dtype"] = a.dtype
-    out = merge_pkg.merge(a.config, a.out, **kw)
-    print(f"merged model written to {out}")
+    res = merge(a.config, a.out, overwrite=a.overwrite, device=a.device, dtype=a.dtype,
+                show_progress=not a.no_progress, write_mergekit=a.write_mergekit)
+    print(f"merged {res.tensors_merged} tensors ({res.method}) into {res.out_dir} in {res.seconds:.1f} s"
+          + (f"; heads: {', '.join(res.heads)}" if res.heads else ""))
     return 0
 
 
@@ -206,8 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("out")
     s.add_argument("--overwrite", action="store_true")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", default=None)
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
+    s.add_argument("--dtype", default=None, help="output dtype: float32, bfloat16, float16")
+    s.add_argument("--write-mergekit", action="store_true", help="also write OUT/mergekit.yaml")
+    s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("validate", help="predict merges from the linearised model, measure them, explain them")

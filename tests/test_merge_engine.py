@@ -348,3 +348,13 @@ def _save_dir(dest, state, like):
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(like / "config.json", dest / "config.json")
     save_file({k: v.contiguous() for k, v in state.items()}, str(dest / "model.safetensors"))
+
+
+def test_taskvec_merge_is_callable_and_a_package():
+    import taskvec
+    import taskvec.merge as pkg
+    from taskvec.merge import merge
+
+    assert taskvec.merge is pkg and callable(taskvec.merge) and callable(merge)
+    with pytest.raises(pkg.MergeError, match="not found"):
+        taskvec.merge("no-such-config.yaml", "out-never-written")

@@ -8,6 +8,9 @@ Python API::
 See ``docs/merge.md`` for the methods, their parameters and the YAML format.
 """
 
+import sys as _sys
+import types as _types
+
 from .config import MergeConfig, ModelSpec, load_config, to_mergekit
 from .engine import Checkpoint, MergeResult, merge, plan
 from .lora import LoraAdapter, factorize, lora_delta, lora_scaling
@@ -18,3 +21,13 @@ __all__ = [
     "METHODS", "Method", "Param", "MergeError", "get_method", "register",
     "LoraAdapter", "lora_delta", "lora_scaling", "factorize",
 ]
+
+
+class _CallableModule(_types.ModuleType):
+    """Lets ``taskvec.merge(config, out, ...)`` call :func:`merge` while ``taskvec.merge`` stays a package."""
+
+    def __call__(self, *args, **kwargs):
+        return merge(*args, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallableModule
