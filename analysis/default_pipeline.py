@@ -44,6 +44,7 @@ def main(argv=None) -> int:
             f"Full report: `{a.out}/report/report.html`.\n\n{res['summary_markdown']}\n")
     print(text)
     dev = "cuda" if cuda else "cpu"
+    (ROOT / "analysis" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "analysis" / "results" / f"default_{dev}.md").write_text(text)
     if a.readme:
         readme = ROOT / "README.md"
