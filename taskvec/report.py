@@ -63,26 +63,29 @@ def fig_learning_curves(logs: dict, out: Path) -> str | None:
         return None
     plt = _plt()
     n = len(logs)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
-    for ax, (t, log) in zip(axes[0], logs.items()):
+    fig, axes = plt.subplots(2, n, figsize=(3.6 * n, 5.2), squeeze=False, sharex="col")
+    for j, (t, log) in enumerate(logs.items()):
+        top, bottom = axes[0, j], axes[1, j]
         c = [e for e in log["curve"] if e.get("val_loss") is not None]
         steps = [e["step"] for e in c]
-        ax.plot(steps, [e["val_loss"] for e in c], "o-", label="val loss", color="C0")
+        top.plot(steps, [e["val_loss"] for e in c], "o-", label="validation", color="C0")
         tr = [(e["step"], e["train_loss"]) for e in c if e.get("train_loss") is not None]
         if tr:
-            ax.plot(*zip(*tr), "s--", label="train loss", color="C2", alpha=0.7)
-        ax2 = ax.twinx()
-        ax2.plot(steps, [100 * e["val_accuracy"] for e in c], "^-", color="C1", label="val acc (%)")
-        ax2.set_ylabel("val accuracy (%)", color="C1")
-        ax.axvline(log["best_step"], color="k", ls=":", label=f"validation best ({log['best_step']})")
-        for r in log.get("rules", []):
-            if r.get("rule") == "spectral" and r.get("predicted_step") is not None:
-                ax.axvline(r["predicted_step"], color="C3", ls="--", label=f"spectral stop ({r['predicted_step']})")
-        ax.set_title(t)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.legend(fontsize=7, loc="upper right")
-    fig.suptitle("Learning curves (dotted: validation-best step kept; dashed: spectral rule's step)")
+            top.plot(*zip(*tr), "s--", label="train", color="C2", alpha=0.7)
+        bottom.plot(steps, [100 * e["val_accuracy"] for e in c], "^-", color="C1", label="validation")
+        for ax in (top, bottom):
+            ax.axvline(log["best_step"], color="k", ls=":", lw=1)
+            for r in log.get("rules", []):
+                if r.get("rule") == "spectral" and r.get("predicted_step") is not None:
+                    ax.axvline(r["predicted_step"], color="C3", ls="--", lw=1)
+        top.set_title(f"{t}\nkept step {log['best_step']}, stopped at {log['steps']}", fontsize=9)
+        bottom.set_xlabel("step")
+        if j == 0:
+            top.set_ylabel("loss")
+            bottom.set_ylabel("validation accuracy (%)")
+            top.legend(fontsize=7)
+    fig.suptitle("Learning curves (dotted: validation-best step, kept; dashed: spectral rule's step)", fontsize=10)
+    fig.tight_layout()
     return _save(fig, out / "learning_curves.png")
 
 
@@ -116,8 +119,9 @@ def fig_spectra(val: dict | None, out: Path) -> tuple[str | None, dict]:
 def _heat(ax, M, labels, title, fmt="{:.2f}", cmap="viridis", vmin=None, vmax=None):
     M = np.asarray(M, dtype=float)
     im = ax.imshow(M, cmap=cmap, vmin=vmin, vmax=vmax)
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    short = [x if len(x) <= 12 else x[:11] + "…" for x in labels]
+    ax.set_xticks(range(len(labels)), short, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), short, fontsize=8)
     for i in range(M.shape[0]):
         for j in range(M.shape[1]):
             ax.text(j, i, fmt.format(M[i, j]), ha="center", va="center", fontsize=7,
@@ -138,9 +142,10 @@ def fig_geometry(val: dict | None, out: Path) -> str | None:
                           "{:.2f}"))
         panels.append((e["energy"], "share of ‖τ_t‖² in task s's top-r\n(rows s, columns t)", "{:.3f}"))
     panels.append((val["weight_space"]["sign_conflicts"], "sign conflicts (fraction)", "{:.2f}"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.0))
     for ax, (M, title, fmt) in zip(np.atleast_1d(axes), panels):
         _heat(ax, M, names, title, fmt)
+    fig.tight_layout()
     return _save(fig, out / "geometry.png")
 
 
@@ -152,12 +157,13 @@ def fig_interference(val: dict | None, out: Path) -> str | None:
     P = 100 * np.asarray(val["interference"]["predicted"])
     M = 100 * np.asarray(val["interference"]["measured"])
     lim = max(np.abs(P).max(), np.abs(M).max(), 1e-9)
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 4.4))
     _heat(axes[0], P, names, "predicted Δacc of task s from τ_t (points)", "{:+.1f}", "RdBu", -lim, lim)
     _heat(axes[1], M, names, "measured Δacc of task s from τ_t (points)", "{:+.1f}", "RdBu", -lim, lim)
     for ax in axes:
         ax.set_ylabel("task s (evaluated)")
         ax.set_xlabel("τ_t (added)")
+    fig.tight_layout()
     return _save(fig, out / "interference.png")
 
 

@@ -358,3 +358,24 @@ def test_taskvec_merge_is_callable_and_a_package():
     assert taskvec.merge is pkg and callable(taskvec.merge) and callable(merge)
     with pytest.raises(pkg.MergeError, match="not found"):
         taskvec.merge("no-such-config.yaml", "out-never-written")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method,params,mparams", [
+    ("task_arithmetic", {"lambda": 0.7}, None),
+    ("ties", {}, [{"density": 0.4}] * 3),
+    ("dare_ties", {"seed": 3}, [{"density": 0.5}] * 3),
+    ("tsv", {}, None),
+])
+def test_cuda_merge_equals_cpu(llamas, tmp_path, method, params, mparams):
+    from taskvec.merge import merge
+
+    root = llamas[0]
+    cpu, gpu = tmp_path / "cpu", tmp_path / "gpu"
+    merge(_cfg(root, method, params, mparams), cpu, show_progress=False)
+    merge(_cfg(root, method, params, mparams), gpu, device="cuda", show_progress=False)
+    a, b = _state(cpu), _state(gpu)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
