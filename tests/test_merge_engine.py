@@ -377,5 +377,8 @@ def test_cuda_merge_equals_cpu(llamas, tmp_path, method, params, mparams):
     merge(_cfg(root, method, params, mparams), gpu, device="cuda", show_progress=False)
     a, b = _state(cpu), _state(gpu)
     assert a.keys() == b.keys()
+    # SVD-based methods run cuSOLVER on the GPU: float32 agreement, not identity
+    tol = 1e-4 if method == "tsv" else 1e-6
     for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
+        err = float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12))
+        assert err <= tol, (k, err)

@@ -183,7 +183,8 @@ def random_prune(x: torch.Tensor, density: float, generator: torch.Generator, re
     Args:
         x: tensor of any shape.
         density: keep probability in (0, 1]; 1 returns ``x`` unchanged.
-        generator: torch generator on ``x``'s device (seeded by the caller).
+        generator: a CPU torch generator (seeded by the caller): the mask is drawn on the CPU so that a
+            seed gives the same merge on every device.
         rescale: ``False`` (no rescale), ``True``/``"l1"`` (mergekit: scale so the L1 norm equals that
             of ``x``; unbiased only on average), or ``"density"`` (the DARE paper: multiply kept entries
             by 1/density, so E[result] = x exactly).
@@ -193,7 +194,7 @@ def random_prune(x: torch.Tensor, density: float, generator: torch.Generator, re
     if density >= 1:
         return x
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    keep = torch.rand(work.shape, generator=generator, device=work.device, dtype=work.dtype) < density
+    keep = (torch.rand(work.shape, generator=generator, dtype=work.dtype) < density).to(work.device)
     out = work * keep
     if rescale == "density":
         out = out / density
@@ -302,7 +303,7 @@ def ties(base, deltas, weights, *, density, normalize=True, lambda_=1.0):
 def _dare(deltas, density, seed, rescale):
     out = []
     for t, (d, p) in enumerate(zip(deltas, density)):
-        g = torch.Generator(device=d.device).manual_seed((int(seed) * 1_000_003 + t) % (1 << 63))
+        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + t) % (1 << 63))
         out.append(random_prune(d, p, g, rescale))
     return out
 
