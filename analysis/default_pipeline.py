@@ -1,6 +1,6 @@
 """Run the default pipeline (`taskvec run default`) end to end, timed, and publish its headline numbers.
 
-Writes analysis/results/default_<device>.md (the report's summary plus wall time and hardware) and, with
+Writes analysis/results/<config>_<device>.md (the report's summary plus wall time and hardware) and, with
 --readme, replaces the README section between the `<!-- pipeline-results -->` markers with it. Every number
 comes from the run's own RUN/results.json.
 
@@ -39,13 +39,14 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     hw = torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     per_stage = ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())
-    text = (f"Measured by `python analysis/default_pipeline.py` (`taskvec run default`: MiniLM, scope qkv, 4 tasks) "
+    text = (f"Measured by `python analysis/default_pipeline.py --config {a.config}` (`taskvec run {a.config}`: "
+            f"MiniLM, scope qkv, 4 tasks) "
             f"on {hw}, torch {torch.__version__}: **{wall / 60:.1f} min** in total ({per_stage}). "
             f"Full report: `{a.out}/report/report.html`.\n\n{res['summary_markdown']}\n")
     print(text)
     dev = "cuda" if cuda else "cpu"
     (ROOT / "analysis" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "analysis" / "results" / f"default_{dev}.md").write_text(text)
+    (ROOT / "analysis" / "results" / f"{Path(a.config).stem}_{dev}.md").write_text(text)
     if a.readme:
         readme = ROOT / "README.md"
         s = readme.read_text()
