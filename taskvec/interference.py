@@ -442,19 +442,28 @@ def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 5
     grid_evals = evaluations - before
     fine = np.round(np.arange(0.05, 2.0001, 0.05), 4).tolist()
 
+    def pred_logits(s: str, coefs: dict) -> torch.Tensor:
+        """First order in every coefficient; with second_order, plus ½·c̄²·D²f[Στ, Στ] (c̄ = mean coefficient:
+        exact for a global λ, the along-the-sum approximation for per-task coefficients)."""
+        out = D[s].predict({f"tau:{t}": c for t, c in coefs.items()})
+        if second_order and "sum" in D[s].hvps:
+            cbar = float(np.mean(list(coefs.values())))
+            out = out + 0.5 * cbar ** 2 * D[s].hvps["sum"]
+        return out
+
     def pred_avg(coefs) -> float:
-        return float(np.mean([accuracy(D[s].predict({f"tau:{t}": c for t, c in coefs.items()}), D[s].labels)
-                              / ft_acc[s] for s in names]))
+        return float(np.mean([accuracy(pred_logits(s, coefs), D[s].labels) / ft_acc[s] for s in names]))
 
     lam_star = max(fine, key=lambda lam: (pred_avg({t: lam for t in names}), -abs(lam - 0.5)))
     coefs = {t: lam_star for t in names}
+    window = [c for c in fine if 0.5 * lam_star <= c <= 1.5 * lam_star]  # stay near the trusted global λ
     for _ in range(2):  # coordinate ascent on per-task coefficients, predictions only
         for t in names:
-            coefs[t] = max(fine, key=lambda c: (pred_avg({**coefs, t: c}), -abs(c - coefs[t])))
+            coefs[t] = max(window, key=lambda c: (pred_avg({**coefs, t: c}), -abs(c - coefs[t])))
     chosen = {}
     for label, cf in (("global", {t: lam_star for t in names}), ("per_task", coefs)):
         delta = {k: sum(cf[t] * vectors[t].deltas[k].float() for t in names if k in vectors[t].deltas) for k in keys}
-        p1 = {s: D[s].predict({f"tau:{t}": c for t, c in cf.items()}) for s in names}
+        p1 = {s: pred_logits(s, cf) for s in names}
         per = record(p1, None, measure(delta))
         chosen[label] = {"coefficients": cf, "predicted": avg_norm(per, "predicted"),
                          "measured": avg_norm(per, "measured"), "per_task": per}
