@@ -21,7 +21,7 @@ res = taskvec.validate_run(run, merges=[MergeSpec("TA λ=0.5", "task_arithmetic"
 print(summary_markdown({"validation": res}))
 
 names = res["tasks"]
-print("\neigenspace overlap (random baseline %.1e):" % res["eigen"]["random_baseline"])
+print(f"\neigenspace overlap (random baseline {res['eigen']['random_baseline']:.1e}):")
 print(np.array(res["eigen"]["overlap"]).round(3))
 print("\npredicted interference (accuracy change of row task from column vector, points):")
 print((100 * np.array(res["interference"]["predicted"])).round(1), names)
