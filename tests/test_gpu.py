@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from conftest import toy_task
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -1,12 +1,10 @@
 """Streaming engine: exactness vs in-memory merges, loadable output, heads, runs, configs, every error."""
 
 import json
-import os
 
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from taskvec.errors import OutputExistsError, ShapeMismatchError

@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from taskvec.modeling import HeadSpec, LinearHead, TaskModel
-from taskvec.ntk import (NTKError, Projector, empirical_ntk, jacobian_features, jvp_outputs, kernel_matrix,
-                         model_outputs, output_gradient, select_params)
+from taskvec.ntk import (
+    NTKError,
+    Projector,
+    empirical_ntk,
+    jacobian_features,
+    jvp_outputs,
+    kernel_matrix,
+    model_outputs,
+    output_gradient,
+    select_params,
+)
 from taskvec.scopes import ScopeError
 
 

@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from taskvec.spectral import (SpectralStopping, adam_path_steps, critical_radius, localized_complexity,
-                              rkhs_norm_sq, spectral_stopping_step)
+from taskvec.spectral import (
+    SpectralStopping,
+    adam_path_steps,
+    critical_radius,
+    localized_complexity,
+    rkhs_norm_sq,
+    spectral_stopping_step,
+)
 from taskvec.stopping import StopDecision, TrainContext, make_rule
 
 E = math.e

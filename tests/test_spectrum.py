@@ -7,9 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from taskvec.spectrum import (SpectrumReport, bootstrap_alpha, center_kernel, effective_ranks, eigenvalues,
-                              fit_decay, kernel_ridge_accuracy, kernel_target_alignment, sketch_floor,
-                              spectrum_report, top_eigenvalues_from_features)
+from taskvec.spectrum import (
+    SpectrumReport,
+    bootstrap_alpha,
+    center_kernel,
+    effective_ranks,
+    eigenvalues,
+    fit_decay,
+    kernel_ridge_accuracy,
+    kernel_target_alignment,
+    sketch_floor,
+    spectrum_report,
+    top_eigenvalues_from_features,
+)
 
 
 def _psd(n, seed=0, d=None):
