@@ -124,8 +124,9 @@ def _heat(ax, M, labels, title, fmt="{:.2f}", cmap="viridis", vmin=None, vmax=No
     ax.set_yticks(range(len(labels)), short, fontsize=8)
     for i in range(M.shape[0]):
         for j in range(M.shape[1]):
+            r, g, b, _ = im.cmap(im.norm(M[i, j]))
             ax.text(j, i, fmt.format(M[i, j]), ha="center", va="center", fontsize=7,
-                    color="w" if im.norm(M[i, j]) < 0.5 else "k")
+                    color="k" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "w")
     ax.set_title(title, fontsize=9)
     return im
 
