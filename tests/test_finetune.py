@@ -180,9 +180,28 @@ def test_smollm2_converts_once_and_classifies_with_label_words(tmp_path, monkeyp
     t0 = time.time()
     assert resolve_model("smollm2") == path and time.time() - t0 < 1.0  # cached: no second conversion
     t = load_task("sms_spam")
+    # the label-word head's logits are exactly the LM's logits of the label words at the last prompt token
+    from transformers import AutoModelForCausalLM
+
+    from taskvec.finetune import build_task_model
+    from taskvec.modeling import load_tokenizer
+    from taskvec.tasks import Batches
+
+    tok = load_tokenizer("smollm2")
+    tm = build_task_model("smollm2", t, tok, None, FinetuneConfig(head="label_words", attn_implementation="eager"))
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    b = next(iter(Batches(tok, t, list(range(4)), 4, max_length=48, prompt=t.prompt)))
+    with torch.no_grad():
+        ours = tm.eval()(b["input_ids"], b["attention_mask"])
+        full = lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    last = b["attention_mask"].sum(1) - 1
+    want = full[torch.arange(4), last][:, tm.spec.token_ids]
+    assert torch.allclose(ours, want, atol=1e-3)
+    assert sum(p.numel() for p in tm.head.parameters()) == 0
     cfg = FinetuneConfig(max_steps=2, eval_every=2, lr=1e-5, max_train=32, test_size=32, val_size=16,
                          device="cpu", batch_size=4, max_length=48)
-    r = finetune_task("smollm2", t, tmp_path / "sms", cfg, progress=False)
+    # (zero-shot accuracy of this prompt is poor: the LM prefers " spam" after "This message is")
+    finetune_task("smollm2", t, tmp_path / "sms", cfg, progress=False)
     spec = json.loads((tmp_path / "sms" / "head.json").read_text())
     assert spec["kind"] == "label_words" and spec["label_words"] == ["normal", "spam"]
-    assert r.probe_test_accuracy > 0.5  # the instruct model already separates spam from normal messages
+    assert (tmp_path / "sms" / "model" / "model.safetensors").exists()
