@@ -29,9 +29,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from taskvec.modeling import HeadSpec, LinearHead, TaskModel  # noqa: E402
-from taskvec.ntk import (_Jacobian, additive_mask, empirical_ntk, jacobian_features, select_params,  # noqa: E402
-                         tf32_disabled)
+from taskvec.modeling import HeadSpec, LinearHead, TaskModel
+from taskvec.ntk import (
+    _Jacobian,
+    additive_mask,
+    empirical_ntk,
+    jacobian_features,
+    select_params,
+    tf32_disabled,
+)
 
 PEAK_FP32 = {"H100 80GB HBM3": 66.9e12, "H100 PCIe": 51.2e12, "H100": 66.9e12, "H200": 66.9e12,
              "A100": 19.5e12}
