@@ -164,7 +164,8 @@ def cmd_run(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="taskvec", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="taskvec", description="Fine-tune with early stopping, extract task vectors, "
+                                "explain interference through the empirical NTK, and merge transformer checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("models", help="list the embedded base models")
