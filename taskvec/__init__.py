@@ -21,7 +21,7 @@ _EXPORTS = {
     "load_task_model": "taskvec.modeling", "resolve_model": "taskvec.modeling", "MODELS": "taskvec.modeling",
     "resolve_scope": "taskvec.scopes", "ParamSelection": "taskvec.scopes",
     # fine-tuning and task vectors
-    "FinetuneConfig": "taskvec.finetune", "finetune": "taskvec.finetune", "finetune_task": "taskvec.finetune",
+    "FinetuneConfig": "taskvec.finetune", "finetune_task": "taskvec.finetune",
     "extract_vectors": "taskvec.finetune", "evaluate": "taskvec.finetune", "results_table": "taskvec.finetune",
     "TaskVector": "taskvec.task_vector",
     "empirical_ntk": "taskvec.ntk", "jacobian_features": "taskvec.ntk", "jvp_outputs": "taskvec.ntk",
@@ -35,9 +35,9 @@ _EXPORTS = {
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name == "merge":  # the package; calling it (taskvec.merge(config, out)) runs taskvec.merge.merge
-        return importlib.import_module("taskvec.merge")
+    if name in ("merge", "finetune"):  # callable modules: taskvec.merge(...) / taskvec.finetune(...)
+        return importlib.import_module(f"taskvec.{name}")
     raise AttributeError(f"module 'taskvec' has no attribute {name!r}")
 
 
-__all__ = [*_EXPORTS, "merge"]  # noqa: PLE0604
+__all__ = [*_EXPORTS, "merge", "finetune"]  # noqa: PLE0604

@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import sys as _sys
 import time
+import types as _types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -617,3 +619,14 @@ def extract_vectors(run_dir, overwrite: bool = False) -> dict:
         tv.save(path, overwrite=True)
         out[name] = tv
     return out
+
+
+class _CallableModule(_types.ModuleType):
+    """Lets ``taskvec.finetune(base, tasks, out, config)`` call :func:`finetune` although ``taskvec.finetune`` is
+    also this module (the package attribute becomes the module once it is imported)."""
+
+    def __call__(self, *args, **kwargs):
+        return finetune(*args, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallableModule

@@ -205,3 +205,12 @@ def test_smollm2_converts_once_and_classifies_with_label_words(tmp_path, monkeyp
     spec = json.loads((tmp_path / "sms" / "head.json").read_text())
     assert spec["kind"] == "label_words" and spec["label_words"] == ["normal", "spam"]
     assert (tmp_path / "sms" / "model" / "model.safetensors").exists()
+
+
+def test_top_level_finetune_is_callable_even_after_the_module_is_imported(tiny_bert, tmp_path):
+    import taskvec
+    import taskvec.finetune as mod  # binds the package attribute to the module
+
+    assert taskvec.finetune is mod and callable(taskvec.finetune)
+    res = taskvec.finetune(tiny_bert, [toy_task("a")], tmp_path / "r", FinetuneConfig(**FAST), progress=False)
+    assert res[0].task == "a"
