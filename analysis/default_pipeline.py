@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from taskvec.io import replace_marked_section
 from taskvec.pipeline import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,11 +48,7 @@ def main(argv=None) -> int:
     (ROOT / "analysis" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "analysis" / "results" / f"{Path(a.config).stem}_{dev}.md").write_text(text)
     if a.readme:
-        readme = ROOT / "README.md"
-        s = readme.read_text()
-        s = re.sub(r"(<!-- pipeline-results:start -->\n).*?(<!-- pipeline-results:end -->)",
-                   lambda m: m.group(1) + text + m.group(2), s, flags=re.DOTALL)
-        readme.write_text(s)
+        replace_marked_section(ROOT / "README.md", "pipeline-results", text)
     return 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from taskvec.cli import _add_finetune_args, _finetune_config
 from taskvec.finetune import finetune, results_table
+from taskvec.io import replace_marked_section
 from taskvec.tasks import DEFAULT_TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,12 +50,8 @@ def main(argv=None):
     print(text)
     out = ROOT / "benchmarks" / "results" / f"finetune_{dev.split(':')[0]}.md"
     out.write_text(text)
-    readme = ROOT / "README.md"
-    if not a.no_readme and readme.exists() and dev == "cpu":
-        s = readme.read_text()
-        new = re.sub(r"(<!-- finetune-table:start -->\n).*?(<!-- finetune-table:end -->)",
-                     lambda m: m.group(1) + text + m.group(2), s, flags=re.DOTALL)
-        readme.write_text(new)
+    if not a.no_readme and dev == "cpu":
+        replace_marked_section(ROOT / "README.md", "finetune-table", text)
     return 0
 
 

@@ -86,3 +86,21 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def replace_marked_section(path, name: str, text: str) -> bool:
+    """Replace the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in a file (atomically).
+
+    Used by the benchmark and analysis scripts to publish measured numbers into the README. Returns
+    whether the markers were found.
+    """
+    import re
+
+    p = Path(path)
+    s = p.read_text()
+    new, n = re.subn(rf"(<!-- {re.escape(name)}:start -->\n).*?(<!-- {re.escape(name)}:end -->)",
+                     lambda m: m.group(1) + text + m.group(2), s, flags=re.DOTALL)
+    if n:
+        with atomic_file(p) as tmp:
+            tmp.write_text(new)
+    return bool(n)

@@ -62,3 +62,13 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     assert "unknown model 'nope'" in err and "minilm" in err
     assert main(["finetune", "--tasks", "nope", "--out", str(tmp_path / "y")]) == 2
     assert "bundled tasks: rotten_tomatoes" in capsys.readouterr().err
+
+
+def test_replace_marked_section(tmp_path):
+    from taskvec.io import replace_marked_section
+
+    p = tmp_path / "R.md"
+    p.write_text("a\n<!-- x:start -->\nold\n<!-- x:end -->\nb\n")
+    assert replace_marked_section(p, "x", "new\n")
+    assert p.read_text() == "a\n<!-- x:start -->\nnew\n<!-- x:end -->\nb\n"
+    assert not replace_marked_section(p, "y", "z")
