@@ -14,6 +14,16 @@ from pathlib import Path
 import numpy as np
 
 
+def _save(fig, path) -> Path:
+    """Lay out, write (PNG, 130 dpi) and close a figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
 def _load(report):
     if isinstance(report, (str, Path)):
         return json.loads(Path(report).read_text())
@@ -50,11 +60,7 @@ def plot_spectrum(reports: dict, path, centered: bool = False) -> Path:
     ax.set_ylabel("eigenvalue of K/n" + (" (centred)" if centered else ""))
     ax.set_title("eNTK spectrum")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_group_traces(reports: dict, path) -> Path:
@@ -75,11 +81,7 @@ def plot_group_traces(reports: dict, path) -> Path:
         ax.set_ylabel("share of trace")
         ax.set_title(name)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_effective_ranks(reports: dict, path, centered: bool = False) -> Path:
@@ -97,11 +99,7 @@ def plot_effective_ranks(reports: dict, path, centered: bool = False) -> Path:
     ax.set_yscale("log")
     ax.set_ylabel("effective rank")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_run(ntk_dir) -> list[Path]:

@@ -421,18 +421,11 @@ def merged_tensors(p: _Plan, device: str = "cpu", dtype: torch.dtype | None = No
         work_dtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
         base = raw.to(device, work_dtype)
         t = layer_position(name, p.num_layers)
-        deltas, weights, per_model = [], [], {}
-        for i, inp in enumerate(p.inputs):
+        deltas = []
+        for inp in p.inputs:
             d = inp.delta(name, base, check=method.drops)
             deltas.append(d if d is not None else torch.zeros_like(base))
-            for k, setting in model_params[i].items():
-                v = evaluate(setting, name, t)
-                per_model.setdefault(k, []).append(method.param(k).default if v is None else v)
-        weights = per_model.pop("weight")
-        params = {k: (method.param(k).default if (v := evaluate(s, name, t)) is None else v)
-                  for k, s in global_params.items()}
-        if "seed" in params:
-            params["seed"] = _tensor_seed(params["seed"], name)
+        weights, per_model, params = _evaluated(p, name, t, model_params, global_params)
         delta = method(base, deltas, weights, **per_model, **params)
         del deltas
         if return_delta:
@@ -808,4 +801,4 @@ def _write_lora(p: _Plan, dest: Path, device, out_dtype, bar) -> int:
     return len(factors)
 
 
-__all__ = ["merge", "plan", "align", "Checkpoint", "MergeResult", "merged_tensors"]
+__all__ = ["Checkpoint", "MergeResult", "align", "merge", "merged_tensors", "plan"]
