@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/default")
     p.add_argument("--overwrite", action="store_true", help="recompute every stage (timing a fresh run)")
     p.add_argument("--readme", action="store_true", help="update the README section")
+    p.add_argument("--section", default=None,
+                   help="README marker name (default: pipeline-results for `default`, <config>-results otherwise)")
     a = p.parse_args(argv)
     t0 = time.time()
     run_pipeline(a.config, a.out, overwrite=a.overwrite)
@@ -39,8 +41,12 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     hw = torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     per_stage = ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())
+    cfg = json.loads((Path(a.out) / "pipeline.json").read_text()).get("config", {})
+    fcfg = cfg.get("finetune", {})
+    what = (f"{cfg.get('model', '?')}, scope {fcfg.get('scope', '?')}, {fcfg.get('optimizer', '?')} "
+            f"lr {fcfg.get('lr', '?')}, tasks {', '.join(cfg.get('tasks', []))}")
     text = (f"Measured by `python analysis/default_pipeline.py --config {a.config}` (`taskvec run {a.config}`: "
-            f"MiniLM, scope qkv, 4 tasks) "
+            f"{what}) "
             f"on {hw}, torch {torch.__version__}: **{wall / 60:.1f} min** in total ({per_stage}). "
             f"Full report: `{a.out}/report/report.html`.\n\n{res['summary_markdown']}\n")
     print(text)
@@ -48,7 +54,8 @@ def main(argv=None) -> int:
     (ROOT / "analysis" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "analysis" / "results" / f"{Path(a.config).stem}_{dev}.md").write_text(text)
     if a.readme:
-        replace_marked_section(ROOT / "README.md", "pipeline-results", text)
+        section = a.section or ("pipeline-results" if a.config == "default" else f"{Path(a.config).stem}-results")
+        replace_marked_section(ROOT / "README.md", section, text)
     return 0
 
 

@@ -144,7 +144,7 @@ def cmd_validate(a) -> int:
     from .report import summary_markdown
 
     res = validate_run(a.run, n_eval=a.n_eval, n_kernel=a.n_kernel, rank=a.rank,
-                       second_order=not a.first_order, threshold=a.threshold, device=a.device)
+                       second_order=not a.first_order, max_uncertainty=a.max_uncertainty, device=a.device)
     print(summary_markdown({"validation": res}))
     return 0
 
@@ -217,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-eval", type=int, default=500, help="evaluation examples per task")
     s.add_argument("--n-kernel", type=int, default=128, help="kernel examples per task (eigenspaces)")
     s.add_argument("--rank", type=int, default=20, help="r of the top-r eigenspaces")
-    s.add_argument("--threshold", type=float, default=0.25, help="trust threshold on the relative logit error")
+    s.add_argument("--max-uncertainty", type=float, default=1.0,
+                   help="trust threshold: a prediction is trusted when at most this many accuracy points of its "
+                        "examples could flip under the neglected higher-order terms")
     s.add_argument("--first-order", action="store_true", help="skip the second-order (nested JVP) term")
     s.add_argument("--device", default=None)
     s.set_defaults(func=cmd_validate)

@@ -3,22 +3,28 @@
 For a fine-tuning run with task vectors τ_t (``RUN/vectors``) and per-task heads, :func:`validate_run`
 
 * **predicts** every task's outputs under a merge θ0 + Δ from the linearised model
-  f0 + J·Δ (+ ½·D²f[Δ, Δ]), using Jacobian-vector products only. Task-arithmetic merges
-  θ0 + Σ_t α_t τ_t are linear in the α's, so after one JVP per (task, vector) pair every coefficient
-  setting is predicted for free; other methods (TIES, TSV, ...) cost one JVP per merge and task;
+  f0 + J·Δ + ½·D²f[Δ, Δ], using Jacobian-vector products only. Task-arithmetic merges
+  θ0 + Σ_t α_t τ_t are linear in the α's to first order, so after one (batched) JVP per task over all
+  τ_t every coefficient setting is predicted for free; the second-order term along Στ (one nested JVP)
+  scales with λ². Other methods (TIES, TSV, ...) cost one nested JVP per merge and task;
+* attaches to every prediction its own **trust signal**, known before merging (:func:`trust_band`): the
+  curvature ratio ‖½D²f‖/‖J·Δ‖ and the share of examples whose predicted decision could flip under the
+  neglected higher-order terms ("uncertainty", in accuracy points); predictions above ``max_uncertainty``
+  are flagged untrusted;
 * **measures** the same merges by building them and evaluating each task on its evaluation subset
   with its own head, and reports predicted vs measured accuracy (Spearman on accuracy changes, mean
-  absolute error), the linearisation error ‖f(θ0+Δ) − f_lin‖ / ‖f(θ0+Δ) − f0‖ as a trust signal (a
-  prediction whose relative logit error exceeds ``threshold`` is flagged untrusted), normalised accuracy,
+  absolute error of trusted and flagged predictions, a calibration table of error vs uncertainty), the
+  measured linearisation error ‖f(θ0+Δ) − f_lin‖ / ‖f(θ0+Δ) − f0‖, normalised accuracy,
   the interference matrix I[s, t] (accuracy change of task s caused by τ_t alone), and the
   disentanglement error ξ of every pair (Ortiz-Jimenez et al.);
-* **explains** through the eNTK (:mod:`taskvec.ntk`) of each task at θ0: the overlap of the tasks' top-r
-  parameter-space eigenspaces ``‖V_Aᵀ V_B‖_F² / r`` computed from the cross-task kernel (random baseline
-  r/p, split-half same-task ceiling), and the share of ‖τ_t‖² inside task s's top-r eigenspace;
+* **explains** through the eNTK (:mod:`taskvec.ntk`) of each task at θ0: its top-r eigenvectors mapped to
+  parameter space once, V = Jᵀ U Σ⁻¹ (r reverse passes, :func:`eigenspace_basis`), give the overlap of
+  the tasks' eigenspaces ``‖V_Aᵀ V_B‖_F² / r`` (random baseline r/p, split-half same-task ceiling) and the
+  share of ‖τ_t‖² inside task s's top-r eigenspace as inner products;
 * **chooses coefficients** by maximising the predicted average normalised accuracy (global λ, and one
   per task), with one full evaluation instead of a grid search;
 * builds an **NTK-aware merge**: each τ_t minus its projection on the other tasks' top-r eigenspaces
-  (P_s τ = J_sᵀ U_s Σ_s⁻² U_sᵀ J_s τ, one JVP and one VJP per pair), then added.
+  (V_s V_sᵀ τ_t), then added.
 
 Definitions: ``../shared/THEORY.md`` ("Linearised predictions", "Eigenspaces and overlaps"). All results
 are plain JSON (``RUN/validation/results.json``); figures are drawn from it by :mod:`taskvec.report`.
@@ -37,7 +43,13 @@ import torch
 
 from .errors import TaskvecError
 from .io import write_json
-from .linearize import Directional, accuracy, directional_outputs, relative_linearisation_error, vjp_params
+from .linearize import (
+    Directional,
+    accuracy,
+    directional_outputs,
+    relative_linearisation_error,
+    vjp_params_many,
+)
 
 
 @dataclass
@@ -180,20 +192,57 @@ def subspace_overlap(A: Eigenspace, B: Eigenspace, K_AB: torch.Tensor) -> dict:
     return {"overlap": float((M ** 2).sum()) / r, "cosines": [float(c) for c in cos[:r]]}
 
 
-def eigenspace_component(model, batches, space: Eigenspace, delta: dict, jdelta: torch.Tensor | None = None,
-                         device=None) -> dict:
+def eigenspace_basis(model, batches, space: Eigenspace, names: list[str], device=None) -> dict[str, torch.Tensor]:
+    """The task's top-r parameter-space eigenvectors V = Jᵀ U Σ⁻¹ as ``{name: (r, *shape)}`` float32.
+
+    J is the Jacobian of the task model's outputs on its kernel inputs (the examples of ``batches``, in
+    order, the rows of ``space.U`` ordered (example, output)) with respect to the tensors ``names``. The r
+    columns are orthonormal over those tensors (VᵀV = Σ⁻¹UᵀKUΣ⁻¹ = I). Costs one forward and r reverse
+    passes per batch: the parameter-space vectors are formed once, so overlaps, energies and projections
+    are then plain inner products (no cross-task kernels).
+    """
+    n = sum(b["input_ids"].shape[0] for b in batches)
+    W = (space.U / torch.sqrt(space.S2)[None, :]).T  # (r, n·o)
+    return vjp_params_many(model, batches, W.reshape(W.shape[0], n, -1).float(), list(names), device=device)
+
+
+def basis_inner(VA: dict[str, torch.Tensor], VB: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``V_Aᵀ V_B`` ``(r_A, r_B)`` in float64 over the tensors both bases hold."""
+    out = None
+    for k in VA.keys() & VB.keys():
+        a = VA[k].reshape(VA[k].shape[0], -1).double()
+        b = VB[k].reshape(VB[k].shape[0], -1).to(a.device).double()
+        t = a @ b.T
+        out = t if out is None else out + t
+    return out
+
+
+def basis_coefficients(V: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``Vᵀ δ`` ``(r,)`` in float64 (tensors of δ that V does not hold count as orthogonal)."""
+    out = None
+    for k in V.keys() & delta.keys():
+        t = V[k].reshape(V[k].shape[0], -1).double() @ delta[k].reshape(-1).to(V[k].device).double()
+        out = t if out is None else out + t
+    return out
+
+
+def basis_overlap(VA: dict, VB: dict) -> dict:
+    """``‖V_Aᵀ V_B‖_F² / r`` (r = the smaller rank) and the principal-angle cosines, from two bases."""
+    M = basis_inner(VA, VB)
+    r = min(M.shape)
+    cos = torch.linalg.svdvals(M)
+    return {"overlap": float((M ** 2).sum()) / r, "cosines": [float(c) for c in cos[:r]]}
+
+
+def eigenspace_component(model, batches, space: Eigenspace, delta: dict, device=None) -> dict:
     """V Vᵀ δ: the component of a parameter-space direction δ in a task's top-r eigenspace.
 
-    V = Jᵀ U Σ⁻¹ (orthonormal columns) for the task's Jacobian J on its kernel inputs (the examples of
-    ``batches``, in order), so V Vᵀ δ = Jᵀ U Σ⁻² Uᵀ (J δ): one JVP (skipped when ``jdelta`` = J δ, flattened
-    (n·o,), is given) and one VJP. Returns ``{name: tensor}`` with δ's keys.
+    V = Jᵀ U Σ⁻¹ (orthonormal columns, :func:`eigenspace_basis`) for the task's Jacobian J on its kernel
+    inputs (the examples of ``batches``, in order). Returns ``{name: tensor}`` with δ's keys.
     """
-    if jdelta is None:
-        d = directional_outputs(model, batches, {"d": delta}, device=device)
-        jdelta = d.jvps["d"].double().reshape(-1)
-    w = space.U @ ((space.U.T @ jdelta.double()) / space.S2)
-    n = sum(b["input_ids"].shape[0] for b in batches)
-    return vjp_params(model, batches, w.reshape(n, -1).float(), list(delta), device=device)
+    V = eigenspace_basis(model, batches, space, list(delta), device=device)
+    c = basis_coefficients(V, delta).float()
+    return {k: torch.einsum("r,r...->...", c.to(V[k].device), V[k]) for k in delta}
 
 
 def _flat_kernel(res) -> torch.Tensor:
@@ -203,12 +252,45 @@ def _flat_kernel(res) -> torch.Tensor:
     return K.permute(0, 2, 1, 3).reshape(n1 * o1, n2 * o2)
 
 
+# --- the trust signal ---------------------------------------------------------------------------------------
+
+
+def trust_band(first: torch.Tensor, half_second: torch.Tensor, predicted: torch.Tensor,
+               max_uncertainty: float = 1.0) -> dict:
+    """A prediction's own error estimate, computed before the merged model exists.
+
+    Args:
+        first: ``(n, o)`` first-order change J·Δ.
+        half_second: ``(n, o)`` second-order term ½·D²f[Δ, Δ].
+        predicted: ``(n, o)`` the second-order prediction f0 + J·Δ + ½·D²f[Δ, Δ].
+        max_uncertainty: trust threshold in accuracy points.
+
+    The Taylor series along Δ is treated as geometric with ratio ``ρ = ‖½D²f‖ / ‖J·Δ‖`` (Frobenius over the
+    split; ``curvature``): the neglected third-order term of example i is estimated as
+    ``e_i = ρ·max_a |½D²f_ia|``. The example is *uncertain* when its predicted top-1 margin (top logit minus
+    runner-up) is at most ``2·e_i`` (a perturbation of ``e_i`` on every logit could swap them).
+    ``uncertainty`` is the share of uncertain examples in points: how far the predicted accuracy could move.
+    ``trusted``: ``uncertainty ≤ max_uncertainty`` and ``ρ < 1`` (a series whose second term is not smaller
+    than its first is not trusted at all).
+    """
+    num, den = float(half_second.norm()), float(first.norm())
+    rho = num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+    if predicted.shape[-1] > 1:
+        top2 = predicted.topk(2, dim=-1).values
+        margin = top2[:, 0] - top2[:, 1]
+    else:  # one output: the sign decides
+        margin = predicted[:, 0].abs()
+    e = rho * half_second.abs().amax(dim=-1) if math.isfinite(rho) else torch.full_like(margin, float("inf"))
+    unc = 100 * float((margin <= 2 * e).float().mean()) if margin.numel() else 0.0
+    return {"curvature": rho, "uncertainty": unc, "trusted": bool(unc <= max_uncertainty and rho < 1)}
+
+
 # --- the validation ----------------------------------------------------------------------------------------
 
 
 def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 500, n_kernel: int = 128,
                  rank: int = 20, lambdas: list[float] | None = None, second_order: bool = True,
-                 threshold: float = 0.25, ntk_aware: bool = True, device: str | None = None,
+                 max_uncertainty: float = 1.0, ntk_aware: bool = True, device: str | None = None,
                  out: str | Path | None = None, progress: bool = True) -> dict:
     """Predict, measure and explain merges of a run's task vectors; write ``RUN/validation/results.json``.
 
@@ -220,7 +302,9 @@ def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 5
         rank: r of the top-r eigenspaces.
         lambdas: the global-λ grid of the grid-search baseline (task arithmetic).
         second_order: add the nested-JVP second-order term along each merge direction.
-        threshold: relative logit error above which a prediction is flagged untrusted.
+        max_uncertainty: the trust threshold, in accuracy points: a prediction is trusted when at most
+            this share of its task's evaluation examples lies inside the uncertainty band of
+            :func:`trust_band` (needs ``second_order``; first-order-only predictions are all untrusted).
         ntk_aware: also build, predict and measure the NTK-aware merge.
     """
     from tqdm.auto import tqdm
@@ -280,47 +364,44 @@ def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 5
                     for m in merges if m.method != "ntk_aware"}
     sum_tau = {k: sum(v.deltas[k].float() for v in tvs if k in v.deltas) for k in keys}
 
-    # --- eigenspaces (eNTK at θ0 with each task's head) and the NTK-aware merge
+    # --- eigenspaces (eNTK at θ0 with each task's head), parameter-space bases and the NTK-aware merge
+    timings: dict[str, float] = {}
+    tick = time.time()
     eigen: dict = {}
     spaces: dict[str, Eigenspace] = {}
     if ntk_aware or rank > 0:
         from .ntk import as_batch, empirical_ntk
 
         scope = meta["scope"] if meta["scope"] != "lora" else "re:" + "|".join(k.replace(".", r"\.") for k in keys)
-        kin = {t: as_batch(list(kernel_batches[t]), device) for t in names}
-        Ks = {}
-        for t in tqdm(names, desc="eNTK per task", disable=not progress):
-            Ks[t] = _flat_kernel(empirical_ntk(models[t], kin[t], params=scope, kernel="full", groups=False))
+        Ks, bases = {}, {}
+        for t in tqdm(names, desc="eNTK eigenspaces", disable=not progress):
+            kin = as_batch(list(kernel_batches[t]), device)
+            Ks[t] = _flat_kernel(empirical_ntk(models[t], kin, params=scope, kernel="full", groups=False))
             spaces[t] = top_eigenspace(Ks[t], rank)
+            bases[t] = eigenspace_basis(models[t], kernel_batches[t], spaces[t], keys, device=device)
+        timings["eigenspaces"] = time.time() - tick
         p_total = sum(base_state[k].numel() for k in keys)
         overlap = np.eye(T)
         for i, a in enumerate(names):
             for j in range(i + 1, T):
-                b = names[j]
-                Kab = _flat_kernel(empirical_ntk(models[a], kin[a], kin[b], params=scope, kernel="full",
-                                                 model2=models[b], groups=False))
-                overlap[i, j] = overlap[j, i] = subspace_overlap(spaces[a], spaces[b], Kab)["overlap"]
+                overlap[i, j] = overlap[j, i] = basis_overlap(bases[a], bases[names[j]])["overlap"]
         split_half = {}
         for t in names:
-            n = kin[t]["input_ids"].shape[0]
+            n = len(kernel_batches[t].indices)
             o = Ks[t].shape[0] // n
             h = (n // 2) * o
             K = Ks[t]
             r_half = min(rank, h // 2)
             A, B = top_eigenspace(K[:h, :h], r_half), top_eigenspace(K[h:2 * h, h:2 * h], r_half)
             split_half[t] = subspace_overlap(A, B, K[:h, h:2 * h])["overlap"]
-        # where each task vector lives: share of ‖τ_t‖² in task s's top-r eigenspace (J_s τ_t by JVP)
+        # where each task vector lives: share of ‖τ_t‖² in task s's top-r eigenspace, ‖V_sᵀ τ_t‖² / ‖τ_t‖²
         energy = np.zeros((T, T))
-        jtau = {}
+        coef = {}
         for i, s in enumerate(names):
-            dirs = directional_outputs(models[s], kernel_batches[s], {t: vectors[t].deltas for t in names},
-                                       device=device)
             for j, t in enumerate(names):
-                jt = dirs.jvps[t].double().reshape(-1)
-                jtau[(s, t)] = jt
-                coef = (spaces[s].U.T @ jt) / torch.sqrt(spaces[s].S2)
+                coef[(s, t)] = c = basis_coefficients(bases[s], vectors[t].deltas)
                 nt = vectors[t].norm()
-                energy[i, j] = float((coef ** 2).sum()) / nt ** 2 if nt > 0 else float("nan")
+                energy[i, j] = float((c ** 2).sum()) / nt ** 2 if nt > 0 else float("nan")
         eigen = {"rank": rank, "n_kernel": n_kernel, "p": p_total, "random_baseline": rank / p_total,
                  "overlap": overlap.tolist(), "split_half": split_half,
                  "energy": [[None if math.isnan(x) else x for x in row] for row in energy.tolist()],
@@ -331,17 +412,20 @@ def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 5
                 delta = {k: v.float().clone() for k, v in vectors[t].deltas.items()}
                 for s in names:
                     if s != t:
-                        removed = eigenspace_component(models[s], kernel_batches[s], spaces[s], vectors[t].deltas,
-                                                       jtau[(s, t)], device)
+                        c = coef[(s, t)].float()
                         for k in delta:
-                            delta[k] -= removed[k].cpu()
+                            if k in bases[s]:
+                                delta[k] -= torch.einsum("r,r...->...", c.to(bases[s][k].device), bases[s][k]).cpu()
                 proj[t] = delta
             ntk_sum = {k: sum(proj[t][k] for t in names if k in proj[t]) for k in keys}
             eigen["ntk_aware_removed_share"] = {
                 t: (1 - math.sqrt(sum(float((proj[t][k] ** 2).sum()) for k in proj[t])) / vectors[t].norm())
                 if vectors[t].norm() > 0 else None for t in names}
+        del bases, Ks
+    timings["eigen_total"] = time.time() - tick
 
-    # --- predictions: one JVP per (task, τ_t); nested JVPs along Σ τ and each other merge
+    # --- predictions: one batched JVP per task over all τ_t; one nested JVP along Σ τ and each other merge
+    tick = time.time()
     dir_specs = {f"tau:{t}": vectors[t].deltas for t in names}
     second_specs = {"sum": sum_tau}
     for m in merges:
@@ -357,8 +441,10 @@ def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 5
         d1.jvps.update(d2.jvps)
         d1.hvps.update(d2.hvps)
         D[s] = d1
+    timings["predictions"] = time.time() - tick
 
     # --- measurements: build each merged model once, evaluate every task with its own head
+    tick = time.time()
     evaluations = 0
 
     def measure(delta) -> dict:
@@ -374,43 +460,56 @@ def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 5
     singles = {t: measure(vectors[t].deltas) for t in tqdm(names, desc="single-task models", disable=not progress)}
     ft_acc = {s: accuracy(singles[s][s], D[s].labels) for s in names}
 
-    def record(delta_pred: dict[str, torch.Tensor], delta_pred2: dict | None, measured: dict) -> dict:
+    def record(first: dict[str, torch.Tensor], half_second: dict[str, torch.Tensor] | None,
+               measured: dict) -> dict:
+        """Per task: predictions from the first-order change J·Δ and (optionally) the second-order term
+        ½·D²f[Δ, Δ], both ``(n, o)``, against the measured logits; with the trust band."""
         per = {}
         for s in names:
-            f_true = measured[s]
-            pred = delta_pred[s]
-            pred2 = None if delta_pred2 is None else delta_pred2[s]
-            err = relative_linearisation_error(f_true, base_logits[s], pred)
-            entry = {"base": base_acc[s], "predicted": accuracy(pred, D[s].labels),
-                     "measured": accuracy(f_true, D[s].labels), "lin_error": err,
-                     "trusted": err <= threshold, "finetuned": ft_acc[s]}
-            if pred2 is not None:
-                entry["predicted_2nd"] = accuracy(pred2, D[s].labels)
-                entry["lin_error_2nd"] = relative_linearisation_error(f_true, base_logits[s], pred2)
+            f_true, f0, y = measured[s], base_logits[s], D[s].labels
+            p1 = f0 + first[s]
+            entry = {"base": base_acc[s], "predicted_1st": accuracy(p1, y), "measured": accuracy(f_true, y),
+                     "lin_error": relative_linearisation_error(f_true, f0, p1), "finetuned": ft_acc[s]}
+            if half_second is not None:
+                p2 = p1 + half_second[s]
+                entry["predicted_2nd"] = accuracy(p2, y)
+                entry["lin_error_2nd"] = relative_linearisation_error(f_true, f0, p2)
+                entry.update(trust_band(first[s], half_second[s], p2, max_uncertainty))
+                entry["predicted"] = entry["predicted_2nd"]
+            else:
+                entry.update({"curvature": None, "uncertainty": None, "trusted": False})
+                entry["predicted"] = entry["predicted_1st"]
             entry["normalized_measured"] = entry["measured"] / ft_acc[s] if ft_acc[s] else None
             entry["normalized_predicted"] = entry["predicted"] / ft_acc[s] if ft_acc[s] else None
             per[s] = entry
         return per
 
-    def ta_prediction(coefs: dict[str, float], lam2: float | None = None) -> tuple[dict, dict | None]:
-        p1 = {s: D[s].predict({f"tau:{t}": c for t, c in coefs.items()}) for s in names}
-        p2 = None
-        if lam2 is not None and second_order:
-            p2 = {s: p1[s] + 0.5 * lam2 ** 2 * D[s].hvps["sum"] for s in names}
-        return p1, p2
+    def ta_terms(coefs: dict[str, float]) -> tuple[dict, dict | None]:
+        """J·Δ and ½·D²f[Δ, Δ] of θ0 + Σ_t c_t τ_t per task: first order exact in every coefficient; the
+        second-order term is ½·c̄²·D²f[Στ, Στ] (c̄ = mean coefficient: exact for a global λ, the
+        along-the-sum approximation for per-task coefficients)."""
+        first = {s: sum(c * D[s].jvps[f"tau:{t}"] for t, c in coefs.items()) for s in names}
+        if not (second_order and "sum" in D[names[0]].hvps):
+            return first, None
+        cbar = float(np.mean(list(coefs.values())))
+        return first, {s: 0.5 * cbar ** 2 * D[s].hvps["sum"] for s in names}
+
+    def merge_terms(name: str, lam: float = 1.0) -> tuple[dict, dict | None]:
+        first = {s: lam * D[s].jvps[name] for s in names}
+        half = {s: 0.5 * lam ** 2 * D[s].hvps[name] for s in names} if name in D[names[0]].hvps else None
+        return first, half
 
     results_merges = []
     for m in tqdm(merges, desc="merges", disable=not progress):
         if m.method == "task_arithmetic" and not set(m.params) - {"lambda"}:
             lam = float(m.params.get("lambda", 1.0))
-            p1, p2 = ta_prediction({t: lam for t in names}, lam)
+            terms = ta_terms({t: lam for t in names})
             delta = _scale(sum_tau, lam)
         else:
             delta = merge_deltas[m.name]
-            p1 = {s: D[s].predict({m.name: 1.0}) for s in names}
-            p2 = {s: D[s].predict({m.name: 1.0}, second_order=True) for s in names} if second_order else None
+            terms = merge_terms(m.name)
         results_merges.append({"name": m.name, "method": m.method, "params": m.params,
-                               "per_task": record(p1, p2, measure(delta))})
+                               "per_task": record(*terms, measure(delta))})
 
     # --- interference matrices (accuracy change of task s caused by τ_t alone) and ξ of every pair
     I_pred, I_meas = np.zeros((T, T)), np.zeros((T, T))
@@ -435,24 +534,16 @@ def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 5
     grid = []
     before = evaluations
     for lam in tqdm(lambdas, desc="λ grid (measured)", disable=not progress):
-        p1, _ = ta_prediction({t: lam for t in names})
-        per = record(p1, None, measure(_scale(sum_tau, lam)))
+        per = record(*ta_terms({t: lam for t in names}), measure(_scale(sum_tau, lam)))
         grid.append({"lambda": lam, "measured": avg_norm(per, "measured"), "predicted": avg_norm(per, "predicted"),
                      "per_task": per})
     grid_evals = evaluations - before
     fine = np.round(np.arange(0.05, 2.0001, 0.05), 4).tolist()
 
-    def pred_logits(s: str, coefs: dict) -> torch.Tensor:
-        """First order in every coefficient; with second_order, plus ½·c̄²·D²f[Στ, Στ] (c̄ = mean coefficient:
-        exact for a global λ, the along-the-sum approximation for per-task coefficients)."""
-        out = D[s].predict({f"tau:{t}": c for t, c in coefs.items()})
-        if second_order and "sum" in D[s].hvps:
-            cbar = float(np.mean(list(coefs.values())))
-            out = out + 0.5 * cbar ** 2 * D[s].hvps["sum"]
-        return out
-
     def pred_avg(coefs) -> float:
-        return float(np.mean([accuracy(pred_logits(s, coefs), D[s].labels) / ft_acc[s] for s in names]))
+        first, half = ta_terms(coefs)
+        return float(np.mean([accuracy(base_logits[s] + first[s] + (half[s] if half else 0), D[s].labels)
+                              / ft_acc[s] for s in names]))
 
     lam_star = max(fine, key=lambda lam: (pred_avg({t: lam for t in names}), -abs(lam - 0.5)))
     coefs = {t: lam_star for t in names}
@@ -463,8 +554,7 @@ def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 5
     chosen = {}
     for label, cf in (("global", {t: lam_star for t in names}), ("per_task", coefs)):
         delta = {k: sum(cf[t] * vectors[t].deltas[k].float() for t in names if k in vectors[t].deltas) for k in keys}
-        p1 = {s: pred_logits(s, cf) for s in names}
-        per = record(p1, None, measure(delta))
+        per = record(*ta_terms(cf), measure(delta))
         chosen[label] = {"coefficients": cf, "predicted": avg_norm(per, "predicted"),
                          "measured": avg_norm(per, "measured"), "per_task": per}
     best = max(grid, key=lambda g: g["measured"])
@@ -476,34 +566,41 @@ def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 5
 
     if ntk_aware:
         lam = lam_star
-        p1 = {s: D[s].predict({"ntk_sum": lam}) for s in names}
-        p2 = {s: p1[s] + 0.5 * lam ** 2 * D[s].hvps["ntk_sum"] for s in names} if second_order else None
-        per = record(p1, p2, measure(_scale(ntk_sum, lam)))
+        per = record(*merge_terms("ntk_sum", lam), measure(_scale(ntk_sum, lam)))
         results_merges.append({"name": f"ntk_aware λ={lam:g}", "method": "ntk_aware", "params": {"lambda": lam},
                                "per_task": per})
-        p1, p2 = ta_prediction({t: lam for t in names}, lam)
-        per = record(p1, p2, measure(_scale(sum_tau, lam)))
+        per = record(*ta_terms({t: lam for t in names}), measure(_scale(sum_tau, lam)))
         results_merges.append({"name": f"task_arithmetic λ={lam:g}", "method": "task_arithmetic",
                                "params": {"lambda": lam}, "per_task": per})
+    timings["measurements_and_search"] = time.time() - tick
 
     # --- summary over all merges
     rows = [(m["name"], s, e) for m in results_merges for s, e in m["per_task"].items()]
-    dp = [e["predicted"] - e["base"] for _, _, e in rows]
-    dm = [e["measured"] - e["base"] for _, _, e in rows]
-    err = [abs(a - b) for a, b in zip(dp, dm)]
-    trusted = [abs(e["predicted"] - e["measured"]) for _, _, e in rows if e["trusted"]]
-    summary = {
-        "n_predictions": len(rows), "spearman_change": _spearman(dp, dm),
-        "spearman_accuracy": _spearman([e["predicted"] for *_, e in rows], [e["measured"] for *_, e in rows]),
-        "mae_points": 100 * float(np.mean(err)),
-        "mae_points_nochange_baseline": 100 * float(np.mean([abs(x) for x in dm])),
-        "mae_points_trusted": 100 * float(np.mean(trusted)) if trusted else None,
-        "n_trusted": len(trusted), "n_untrusted": len(rows) - len(trusted), "threshold": threshold,
-    }
-    if second_order and all("predicted_2nd" in e for *_, e in rows):
-        dp2 = [e["predicted_2nd"] - e["base"] for *_, e in rows]
-        summary["spearman_change_2nd"] = _spearman(dp2, dm)
-        summary["mae_points_2nd"] = 100 * float(np.mean([abs(a - b) for a, b in zip(dp2, dm)]))
+    dm = [e["measured"] - e["base"] for *_, e in rows]
+
+    def scores(key: str) -> tuple[float | None, float]:
+        dp = [e[key] - e["base"] for *_, e in rows]
+        return _spearman(dp, dm), 100 * float(np.mean([abs(a - b) for a, b in zip(dp, dm)]))
+
+    summary = {"n_predictions": len(rows), "order": 2 if second_order else 1,
+               "mae_points_nochange_baseline": 100 * float(np.mean([abs(x) for x in dm])),
+               "max_uncertainty": max_uncertainty}
+    summary["spearman_change"], summary["mae_points"] = scores("predicted")
+    summary["spearman_change_1st"], summary["mae_points_1st"] = scores("predicted_1st")
+    summary["spearman_accuracy"] = _spearman([e["predicted"] for *_, e in rows], [e["measured"] for *_, e in rows])
+    trusted = [100 * abs(e["predicted"] - e["measured"]) for *_, e in rows if e["trusted"]]
+    flagged = [100 * abs(e["predicted"] - e["measured"]) for *_, e in rows if not e["trusted"]]
+    summary.update({"n_trusted": len(trusted), "n_untrusted": len(flagged),
+                    "mae_points_trusted": float(np.mean(trusted)) if trusted else None,
+                    "mae_points_untrusted": float(np.mean(flagged)) if flagged else None})
+    if second_order:  # how the error grows with the predicted uncertainty: pick a threshold from this
+        calib = []
+        for u in (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, float("inf")):
+            errs = [100 * abs(e["predicted"] - e["measured"]) for *_, e in rows if e["uncertainty"] <= u]
+            calib.append({"max_uncertainty": None if math.isinf(u) else u, "n": len(errs),
+                          "mae_points": float(np.mean(errs)) if errs else None,
+                          "max_error_points": float(np.max(errs)) if errs else None})
+        summary["calibration"] = calib
     summary["interference_spearman"] = _spearman(I_pred[~np.eye(T, dtype=bool)].tolist(),
                                                  I_meas[~np.eye(T, dtype=bool)].tolist())
 
@@ -527,7 +624,7 @@ def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 5
         "interference": {"predicted": I_pred.tolist(), "measured": I_meas.tolist()},
         "disentanglement": xi, "coefficients": coefficients, "eigen": eigen,
         "weight_space": {"cosine": cos.tolist(), "sign_conflicts": signs.tolist()},
-        "evaluations": evaluations, "wall_time_s": time.time() - t_start,
+        "evaluations": evaluations, "timings_s": timings, "wall_time_s": time.time() - t_start,
     }
     out = Path(out) if out else run_dir / "validation" / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -138,9 +138,48 @@ class Directional:
         return out
 
 
+def jvp_many(model: nn.Module, batch: dict, directions: list[dict[str, torch.Tensor]]):
+    """``(f0, [J·Δ_d for each d])`` on one batch, all first-order directions in one vmapped JVP.
+
+    The primal forward pass is shared by all directions (``torch.func.vmap`` over the tangents only), so
+    ``D`` directions cost one forward plus ``D`` batched tangent passes instead of ``D`` separate JVPs.
+    Directions may touch different tensors (a missing tensor is a zero tangent). Each output ``(B, o)``.
+    """
+    from torch.func import vmap
+
+    if not directions:
+        raise TaskvecError("jvp_many needs at least one direction")
+    union: dict[str, torch.Tensor] = {}
+    for d in directions:
+        for k, v in d.items():
+            union.setdefault(k, v)
+    names, primals, _ = _primals_and_tangents(model, union)
+    keys = list(union)
+    stacked = []
+    for k, p in zip(keys, primals):
+        stacked.append(torch.stack([d[k].to(p.device, p.dtype) if k in d else torch.zeros_like(p)
+                                    for d in directions]))
+    was = model.training
+    model.eval()
+    try:
+        f = _call(model, names, batch)
+
+        def one(*tangents):
+            return jvp(f, primals, tangents)
+
+        f0, jd = vmap(one, out_dims=(None, 0))(*stacked)  # the primal output does not depend on the tangent
+        return f0.detach(), [jd[i].detach() for i in range(len(directions))]
+    finally:
+        model.train(was)
+
+
 def directional_outputs(model: nn.Module, batches, directions: dict[str, dict[str, torch.Tensor]],
-                        second_order: bool = False, device=None) -> Directional:
-    """f0 and J·Δ_d for every direction ``d`` over all batches (one JVP per direction per batch)."""
+                        second_order: bool = False, device=None, batched: bool = True) -> Directional:
+    """f0 and J·Δ_d (and D²f[Δ_d, Δ_d] with ``second_order``) for every direction ``d`` over all batches.
+
+    First-order directions are computed together by :func:`jvp_many` (one shared primal pass per batch)
+    unless ``batched=False``; second-order terms take one nested JVP per direction and batch.
+    """
     f0s, ys = [], []
     jv: dict[str, list] = {d: [] for d in directions}
     hv: dict[str, list] = {d: [] for d in directions} if second_order else {}
@@ -148,12 +187,17 @@ def directional_outputs(model: nn.Module, batches, directions: dict[str, dict[st
         if device is not None:
             b = {k: v.to(device) for k, v in b.items()}
         f0 = None
-        for d, delta in directions.items():
-            f, j, h = jvp_batch(model, b, delta, second_order)
-            f0 = f if f0 is None else f0
-            jv[d].append(j.cpu())
-            if second_order:
-                hv[d].append(h.cpu())
+        if second_order or not batched or len(directions) < 2:
+            for d, delta in directions.items():
+                f, j, h = jvp_batch(model, b, delta, second_order)
+                f0 = f if f0 is None else f0
+                jv[d].append(j.cpu())
+                if second_order:
+                    hv[d].append(h.cpu())
+        else:
+            f0, js = jvp_many(model, b, list(directions.values()))
+            for d, j in zip(directions, js):
+                jv[d].append(j.cpu())
         if f0 is None:
             with torch.no_grad():
                 model.eval()
@@ -182,10 +226,27 @@ def vjp_params(model: nn.Module, batches, cotangents: torch.Tensor, names: list[
     ``cotangents`` has shape ``(n, o)`` in the order of the batches' examples. Returns ``{name: tensor}``
     with the parameters' shapes (float32), keyed as given. One reverse pass per batch.
     """
+    many = vjp_params_many(model, batches, cotangents[None], names, device=device)
+    return {k: v[0] for k, v in many.items()}
+
+
+def vjp_params_many(model: nn.Module, batches, cotangents: torch.Tensor, names: list[str], device=None
+                    ) -> dict[str, torch.Tensor]:
+    """Jᵀ·w_m for ``m`` cotangents at once: ``cotangents`` ``(m, n, o)`` -> ``{name: (m, *shape)}`` float32.
+
+    One forward pass per batch, then ``m`` reverse passes through the retained graph.
+    """
+    if cotangents.dim() != 3:
+        raise TaskvecError(f"cotangents must have shape (m, n, o), got {tuple(cotangents.shape)}")
     params = dict(model.named_parameters())
     pre = _backbone_prefix(model)
     full = [pre + k if pre + k in params else k for k in names]
-    out = {k: torch.zeros_like(params[f], dtype=torch.float32) for k, f in zip(names, full)}
+    missing = [k for k, f in zip(names, full) if f not in params]
+    if missing:
+        raise TaskvecError(f"{missing[:3]} are not parameters of {type(model).__name__}")
+    m = cotangents.shape[0]
+    out = {k: torch.zeros((m, *params[f].shape), dtype=torch.float32, device=params[f].device)
+           for k, f in zip(names, full)}
     was = model.training
     model.eval()
     req = {f: params[f].requires_grad for f in full}
@@ -197,16 +258,18 @@ def vjp_params(model: nn.Module, batches, cotangents: torch.Tensor, names: list[
             if device is not None:
                 b = {k: v.to(device) for k, v in b.items()}
             n = b["input_ids"].shape[0]
-            w = cotangents[start:start + n].to(params[full[0]].device)
+            w = cotangents[:, start:start + n].to(params[full[0]].device)
             start += n
             with torch.enable_grad():
                 y = model(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float()
-                grads = torch.autograd.grad((y * w).sum(), [params[f] for f in full], allow_unused=True)
-            for k, g in zip(names, grads):
-                if g is not None:
-                    out[k] += g.float()
-        if start != cotangents.shape[0]:
-            raise TaskvecError(f"cotangents have {cotangents.shape[0]} rows for {start} examples")
+                for i in range(m):
+                    grads = torch.autograd.grad((y * w[i]).sum(), [params[f] for f in full], allow_unused=True,
+                                                retain_graph=i < m - 1)
+                    for k, g in zip(names, grads):
+                        if g is not None:
+                            out[k][i] += g.float()
+        if start != cotangents.shape[1]:
+            raise TaskvecError(f"cotangents have {cotangents.shape[1]} rows for {start} examples")
     finally:
         for f, r in req.items():
             params[f].requires_grad_(r)

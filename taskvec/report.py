@@ -174,15 +174,16 @@ def fig_scatter(val: dict | None, out: Path) -> str | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 4.6))
     for i, m in enumerate(val["merges"]):
-        pts = [(100 * (e["predicted"] - e["base"]), 100 * (e["measured"] - e["base"]), e["trusted"])
-               for e in m["per_task"].values()]
-        for x, y, ok in pts:
-            ax.plot(x, y, "o" if ok else "x", color=f"C{i % 10}", ms=6)
+        pts = [(100 * (e["predicted"] - e["base"]), 100 * (e["measured"] - e["base"]), e["trusted"],
+                e.get("uncertainty") or 0.0) for e in m["per_task"].values()]
+        for x, y, ok, u in pts:  # horizontal bar: the prediction's own uncertainty band (points)
+            ax.errorbar(x, y, xerr=u, fmt="o" if ok else "x", color=f"C{i % 10}", ms=6, elinewidth=0.8, capsize=2)
         ax.plot([], [], "o", color=f"C{i % 10}", label=m["name"])
     lo = min(ax.get_xlim()[0], ax.get_ylim()[0])
     hi = max(ax.get_xlim()[1], ax.get_ylim()[1])
     ax.plot([lo, hi], [lo, hi], "k:", lw=1)
-    ax.set_xlabel("predicted accuracy change (points, first order)")
+    order = "second order" if val["summary"].get("order", 1) == 2 else "first order"
+    ax.set_xlabel(f"predicted accuracy change (points, {order})")
     ax.set_ylabel("measured accuracy change (points)")
     s = val["summary"]
     sp = s.get("spearman_change")
@@ -263,14 +264,18 @@ def summary_markdown(res: dict) -> str:
         lines += [
             "| measure | value |", "|---|---|",
             f"| Spearman, predicted vs measured accuracy change (all {s['n_predictions']} merge×task pairs, "
-            f"first order) | {s['spearman_change']:.3f} |" if s.get("spearman_change") is not None else "",
-            f"| same, with the second-order term | {s['spearman_change_2nd']:.3f} |"
-            if s.get("spearman_change_2nd") is not None else "",
-            f"| mean absolute error, all predictions (points) | {s['mae_points']:.2f} (no-change baseline "
-            f"{s['mae_points_nochange_baseline']:.2f}) |",
-            f"| mean absolute error, trusted predictions (lin. error ≤ {s['threshold']}) | "
-            + (f"{s['mae_points_trusted']:.2f} ({s['n_trusted']} trusted, {s['n_untrusted']} flagged) |"
-               if s.get("mae_points_trusted") is not None else f"– (0 trusted, {s['n_untrusted']} flagged) |"),
+            f"{'second' if s.get('order', 1) == 2 else 'first'} order) | "
+            + (f"{s['spearman_change']:.3f} |" if s.get("spearman_change") is not None else "– |"),
+            f"| same, first order only | {s['spearman_change_1st']:.3f} |"
+            if s.get("order", 1) == 2 and s.get("spearman_change_1st") is not None else "",
+            f"| mean absolute error, all predictions (points) | {s['mae_points']:.2f} (first order "
+            f"{s['mae_points_1st']:.2f}; no-change baseline {s['mae_points_nochange_baseline']:.2f}) |",
+            f"| mean absolute error, trusted predictions (uncertainty ≤ {s['max_uncertainty']:g} points) | "
+            + (f"{s['mae_points_trusted']:.2f} ({s['n_trusted']} trusted) |"
+               if s.get("mae_points_trusted") is not None else "– (0 trusted) |"),
+            "| mean absolute error, flagged predictions | "
+            + (f"{s['mae_points_untrusted']:.2f} ({s['n_untrusted']} flagged) |"
+               if s.get("mae_points_untrusted") is not None else "– (0 flagged) |"),
             "| interference matrix, Spearman predicted vs measured (off-diagonal) | "
             + (f"{s['interference_spearman']:.3f} |" if s.get("interference_spearman") is not None else "– |"),
             f"| grid-search best avg normalized accuracy (λ={c['grid_best_lambda']:g}, {c['grid_evaluations']} "
@@ -353,11 +358,24 @@ def write_report(run_dir, out: str | Path | None = None) -> Path:
         rows = []
         for m in val["merges"]:
             for t, e in m["per_task"].items():
-                rows.append([m["name"], t, _pct(e["base"]), _pct(e["predicted"]), _pct(e.get("predicted_2nd")),
-                             _pct(e["measured"]), f"{e['lin_error']:.2f}", "yes" if e["trusted"] else "UNTRUSTED",
+                unc = e.get("uncertainty")
+                rows.append([m["name"], t, _pct(e["base"]), _pct(e["predicted_1st"]), _pct(e.get("predicted_2nd")),
+                             "–" if unc is None else f"±{unc:.1f}", _pct(e["measured"]),
+                             "yes" if e["trusted"] else "UNTRUSTED", f"{e['lin_error']:.2f}",
                              _pct(e["normalized_measured"])])
-        parts.append(_table(rows, ["merge", "task", "base %", "predicted %", "predicted (2nd order) %", "measured %",
-                                   "lin. error", "trusted", "normalized %"]))
+        parts.append(_table(rows, ["merge", "task", "base %", "predicted, 1st order %", "predicted, 2nd order %",
+                                   "uncertainty (points)", "measured %", "trusted", "measured lin. error",
+                                   "normalized %"]))
+        calib = val["summary"].get("calibration")
+        if calib:
+            parts.append("<p class='note'>Calibration of the trust signal: mean and largest absolute error of the "
+                         "predictions whose uncertainty is at most the threshold (the signal is computed before "
+                         "merging; the errors after measuring).</p>")
+            parts.append(_table([["∞" if c["max_uncertainty"] is None else f"{c['max_uncertainty']:g}", str(c["n"]),
+                                  "–" if c["mae_points"] is None else f"{c['mae_points']:.2f}",
+                                  "–" if c["max_error_points"] is None else f"{c['max_error_points']:.2f}"]
+                                 for c in calib], ["uncertainty ≤ (points)", "predictions", "MAE (points)",
+                                                   "max error (points)"]))
         parts.append("<pre>" + html.escape(summary_markdown({"validation": val})) + "</pre>")
         if figs["normalized"]:
             parts.append(f'<img src="{figs["normalized"]}" alt="normalized accuracy">')

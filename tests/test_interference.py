@@ -66,13 +66,18 @@ def test_validate_run_end_to_end(tiny_run):
     for m in r["merges"]:
         for e in m["per_task"].values():
             assert 0 <= e["predicted"] <= 1 and 0 <= e["measured"] <= 1 and e["lin_error"] >= 0
-            assert e["trusted"] == (e["lin_error"] <= 0.25)
+            assert e["predicted"] == e["predicted_2nd"]  # the headline prediction is the second-order one
+            assert e["trusted"] == (e["uncertainty"] <= 1.0 and e["curvature"] < 1)
     eig = r["eigen"]
     assert np.allclose(np.diag(eig["overlap"]), 1.0)
     assert all(0 <= x <= 1 + 1e-9 for row in eig["overlap"] for x in row)
     assert eig["random_baseline"] == pytest.approx(3 / eig["p"])
     assert set(r["finetuned_accuracy"]) == set(r["tasks"])
     assert r["coefficients"]["grid_evaluations"] == 2 and r["coefficients"]["chosen_evaluations"] == 1
+    calib = r["summary"]["calibration"]
+    assert [c["n"] for c in calib] == sorted(c["n"] for c in calib) and calib[-1]["n"] == r["summary"]["n_predictions"]
+    assert r["summary"]["n_trusted"] + r["summary"]["n_untrusted"] == r["summary"]["n_predictions"]
+    assert set(r["timings_s"]) >= {"eigenspaces", "predictions", "measurements_and_search"}
 
 
 def test_eigenspace_component_is_the_orthogonal_projection():
@@ -110,3 +115,62 @@ def test_eigenspace_component_is_the_orthogonal_projection():
     want = V @ (V.T @ flat)
     got_flat = torch.cat([got[n].double().reshape(-1) for n in names])
     assert torch.allclose(got_flat, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
+def _tiny_task_models():
+    from transformers import BertConfig, BertModel
+
+    from taskvec.modeling import HeadSpec, LinearHead, TaskModel
+
+    torch.manual_seed(0)
+    bb = BertModel(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=16, attn_implementation="eager"))
+    mA = TaskModel(bb, LinearHead(8, 2), HeadSpec("linear", "mean", 2)).double().eval()
+    mB = TaskModel(bb, LinearHead(8, 3), HeadSpec("linear", "mean", 3)).double().eval()
+    g = torch.Generator().manual_seed(1)
+
+    def batch(n):
+        ids = torch.randint(1, 50, (n, 5), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.zeros(n, dtype=torch.long)}
+
+    names = [n for n, _ in bb.named_parameters() if "attention.self" in n and n.endswith("weight")]
+    return mA, mB, batch(6), batch(5), names
+
+
+def test_basis_overlap_equals_the_cross_kernel_overlap_and_bases_are_orthonormal():
+    from taskvec.interference import _flat_kernel, basis_inner, basis_overlap, eigenspace_basis
+    from taskvec.ntk import empirical_ntk
+
+    mA, mB, bA, bB, names = _tiny_task_models()
+    KA = _flat_kernel(empirical_ntk(mA, bA, params="qkv", kernel="full", groups=False))
+    KB = _flat_kernel(empirical_ntk(mB, bB, params="qkv", kernel="full", groups=False))
+    KAB = _flat_kernel(empirical_ntk(mA, bA, bB, params="qkv", kernel="full", groups=False, model2=mB))
+    A, B = top_eigenspace(KA, 4), top_eigenspace(KB, 3)
+    VA, VB = eigenspace_basis(mA, [bA], A, names), eigenspace_basis(mB, [bB], B, names)
+    assert all(v.shape[0] == 4 for v in VA.values()) and all(v.shape[0] == 3 for v in VB.values())
+    assert torch.allclose(basis_inner(VA, VA), torch.eye(4, dtype=torch.float64), atol=1e-5)
+    want = subspace_overlap(A, B, KAB)
+    got = basis_overlap(VA, VB)
+    assert abs(got["overlap"] - want["overlap"]) < 1e-5
+    assert np.allclose(got["cosines"], want["cosines"], atol=1e-5)
+
+
+def test_trust_band_exact_linear_prediction_is_trusted_and_curvature_untrusts():
+    from taskvec.interference import trust_band
+
+    g = torch.Generator().manual_seed(0)
+    f0 = torch.randn(200, 3, generator=g)
+    first = 0.5 * torch.randn(200, 3, generator=g)
+    band = trust_band(first, torch.zeros_like(first), f0 + first)  # no curvature: the prediction is exact
+    assert band == {"curvature": 0.0, "uncertainty": 0.0, "trusted": True}
+    half = 0.4 * torch.randn(200, 3, generator=g)
+    band = trust_band(first, half, f0 + first + half)
+    rho = float(half.norm() / first.norm())
+    assert band["curvature"] == pytest.approx(rho)
+    pred = f0 + first + half
+    top = pred.topk(2, -1).values
+    want = 100 * float(((top[:, 0] - top[:, 1]) <= 2 * rho * half.abs().amax(-1)).float().mean())
+    assert band["uncertainty"] == pytest.approx(want) and band["uncertainty"] > 1.0
+    assert band["trusted"] is False
+    # a second-order term larger than the first is never trusted, whatever the margins
+    assert trust_band(first, 3 * first, 100 * torch.eye(3)[torch.arange(200) % 3], 100.0)["trusted"] is False

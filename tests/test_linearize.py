@@ -105,3 +105,26 @@ def test_vjp_is_the_adjoint_of_jvp():
     lhs = float((w * jv.double()).sum())
     rhs = sum(float((jtw[k].double() * v[k]).sum()) for k in v)
     assert abs(lhs - rhs) <= 1e-5 * max(1.0, abs(lhs))
+
+
+def test_jvp_many_equals_one_jvp_per_direction_and_vjp_many_equals_single_vjps():
+    from taskvec.linearize import jvp_many, vjp_params, vjp_params_many
+
+    m, b = tiny(), batch()
+    d = delta(m)
+    g = torch.Generator().manual_seed(5)
+    dirs = [{k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in d.items()} for _ in range(3)]
+    dirs[2] = {k: v for i, (k, v) in enumerate(dirs[2].items()) if i == 0}  # touches one tensor only
+    f0, js = jvp_many(m, b, dirs)
+    for dv, j in zip(dirs, js):
+        f0r, jr, _ = jvp_batch(m, b, dv)
+        assert torch.allclose(f0, f0r, atol=1e-6) and torch.allclose(j, jr, rtol=1e-5, atol=1e-6)
+    dd = directional_outputs(m, [b], {str(i): x for i, x in enumerate(dirs)})
+    dl = directional_outputs(m, [b], {str(i): x for i, x in enumerate(dirs)}, batched=False)
+    assert all(torch.allclose(dd.jvps[k], dl.jvps[k], rtol=1e-5, atol=1e-6) for k in dl.jvps)
+    n, o = f0.shape
+    W = torch.randn(4, n, o, generator=g, dtype=torch.float64)
+    many = vjp_params_many(m, [b], W, list(d))
+    for i in range(4):
+        one = vjp_params(m, [b], W[i], list(d))
+        assert all(torch.allclose(many[k][i], one[k], rtol=1e-5, atol=1e-6) for k in d)
