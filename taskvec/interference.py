@@ -47,6 +47,7 @@ from .linearize import (
     Directional,
     accuracy,
     directional_outputs,
+    fast_attention,
     relative_linearisation_error,
     vjp_params_many,
 )
@@ -147,9 +148,10 @@ class _Backbone:
 def _logits(model, batches, device) -> torch.Tensor:
     model.eval()
     out = []
-    for b in batches:
-        b = {k: v.to(device) for k, v in b.items()}
-        out.append(model(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float().cpu())
+    with fast_attention(model):
+        for b in batches:
+            b = {k: v.to(device) for k, v in b.items()}
+            out.append(model(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float().cpu())
     return torch.cat(out)
 
 

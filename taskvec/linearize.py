@@ -173,39 +173,123 @@ def jvp_many(model: nn.Module, batch: dict, directions: list[dict[str, torch.Ten
         model.train(was)
 
 
+@contextlib.contextmanager
+def fast_attention(model: nn.Module):
+    """Run plain forward passes with SDPA attention where transformers allows switching at run time.
+
+    Forward-mode AD needs eager attention, forward passes do not; SDPA is faster (about 1.3x for MiniLM on
+    CPU). Models whose attention class is fixed at construction simply keep it (same results either way, up
+    to float round-off).
+    """
+    configs = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")]
+    saved = [c._attn_implementation for c in configs]
+    try:
+        for c in configs:
+            try:
+                c._attn_implementation = "sdpa"
+            except (ValueError, AttributeError, ImportError):
+                pass
+        yield model
+    finally:
+        for c, v in zip(configs, saved):
+            c._attn_implementation = v
+
+
+@torch.no_grad()
+def finite_difference_derivatives(model: nn.Module, batches, directions: dict[str, dict[str, torch.Tensor]],
+                                  h: float = 1e-3, device=None) -> tuple[dict, dict]:
+    """J·Δ_d and D²f[Δ_d, Δ_d] for every direction by central differences of float64 forward passes.
+
+    On a float64 copy of ``model``: ``(f(θ0 + hΔ) − f(θ0 − hΔ)) / 2h`` and
+    ``(f(θ0 + hΔ) − 2·f(θ0) + f(θ0 − hΔ)) / h²``, two forward passes per direction (plus one at θ0), against
+    about three forward passes for a JVP and ten for a nested JVP. With ``h`` the step along Δ
+    (dimensionless), the truncation errors relative to the terms are about ``h²·ρ²/6`` and ``h²·ρ²/12`` (ρ =
+    the Taylor series' ratio along Δ, below 1 wherever a second-order prediction is trusted) and the float64
+    round-off about ``1e-16·|f| / (h·|J·Δ|)`` and ``1e-16·|f| / (h²·|D²f|)``: with the default ``h = 1e-3``
+    all are far below float32 resolution for merge-sized Δ (tested against float64 JVPs).
+    Returns ``({d: (n, o)}, {d: (n, o)})`` float32 on the CPU.
+    """
+    import copy
+
+    m64 = copy.deepcopy(model).double().eval()
+    if device is not None:
+        m64 = m64.to(device)
+    named = dict(m64.named_parameters())
+    pre = _backbone_prefix(m64)
+    dev = next(m64.parameters()).device
+
+    def outputs():
+        out = []
+        for b in batches:
+            b = {k: v.to(dev) for k, v in b.items()}
+            out.append(m64(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).double().cpu())
+        return torch.cat(out)
+
+    first, second = {}, {}
+    with fast_attention(m64):
+        f0 = outputs()
+        for d, delta in directions.items():
+            names, _, _ = _primals_and_tangents(model, delta)
+            orig = {n: named[n].detach().clone() for n in names}
+            steps = {n: delta[n[len(pre):] if n[len(pre):] in delta else n].to(dev, torch.float64) for n in names}
+            fs = []
+            for sign in (1.0, -1.0):
+                for n in names:
+                    named[n].copy_(orig[n] + sign * h * steps[n])
+                fs.append(outputs())
+            for n in names:
+                named[n].copy_(orig[n])
+            first[d] = ((fs[0] - fs[1]) / (2 * h)).float()
+            second[d] = ((fs[0] - 2 * f0 + fs[1]) / (h * h)).float()
+    return first, second
+
+
 def directional_outputs(model: nn.Module, batches, directions: dict[str, dict[str, torch.Tensor]],
-                        second_order: bool = False, device=None, batched: bool = True) -> Directional:
+                        second_order: bool = False, device=None, batched: bool = True,
+                        second_order_method: str = "fd", fd_step: float = 1e-3) -> Directional:
     """f0 and J·Δ_d (and D²f[Δ_d, Δ_d] with ``second_order``) for every direction ``d`` over all batches.
 
-    First-order directions are computed together by :func:`jvp_many` (one shared primal pass per batch)
-    unless ``batched=False``; second-order terms take one nested JVP per direction and batch.
+    First order only: forward-mode JVPs, all directions of a batch together (:func:`jvp_many`, one shared
+    primal pass) unless ``batched=False``. With ``second_order``: ``second_order_method="fd"`` (default)
+    takes both terms from :func:`finite_difference_derivatives` (float64 central differences, two forward
+    passes per direction); ``"jvp"`` a nested JVP per direction and batch (exact to float32 round-off,
+    several times slower). ``f0`` is always the float32 forward pass.
     """
+    if second_order_method not in ("fd", "jvp"):
+        raise TaskvecError(f"second_order_method must be 'fd' or 'jvp', got {second_order_method!r}")
+    use_fd = second_order and second_order_method == "fd"
+    nested = second_order and not use_fd
     f0s, ys = [], []
     jv: dict[str, list] = {d: [] for d in directions}
-    hv: dict[str, list] = {d: [] for d in directions} if second_order else {}
+    hv: dict[str, list] = {d: [] for d in directions} if nested else {}
     for b in batches:
         if device is not None:
             b = {k: v.to(device) for k, v in b.items()}
         f0 = None
-        if second_order or not batched or len(directions) < 2:
+        if use_fd:
+            pass
+        elif nested or not batched or len(directions) < 2:
             for d, delta in directions.items():
-                f, j, h = jvp_batch(model, b, delta, second_order)
+                f, j, hdd = jvp_batch(model, b, delta, nested)
                 f0 = f if f0 is None else f0
                 jv[d].append(j.cpu())
-                if second_order:
-                    hv[d].append(h.cpu())
+                if nested:
+                    hv[d].append(hdd.cpu())
         else:
             f0, js = jvp_many(model, b, list(directions.values()))
             for d, j in zip(directions, js):
                 jv[d].append(j.cpu())
         if f0 is None:
-            with torch.no_grad():
+            with torch.no_grad(), fast_attention(model):
                 model.eval()
                 f0 = model(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float()
         f0s.append(f0.cpu())
         ys.append(b["labels"].cpu())
-    return Directional(torch.cat(f0s), torch.cat(ys), {d: torch.cat(v) for d, v in jv.items()},
-                       {d: torch.cat(v) for d, v in hv.items()})
+    if use_fd:
+        jvps, hvps = finite_difference_derivatives(model, batches, directions, h=fd_step, device=device)
+    else:
+        jvps, hvps = {d: torch.cat(v) for d, v in jv.items()}, {d: torch.cat(v) for d, v in hv.items()}
+    return Directional(torch.cat(f0s), torch.cat(ys), jvps, hvps)
 
 
 def relative_linearisation_error(f_true: torch.Tensor, f0: torch.Tensor, f_lin: torch.Tensor) -> float:
