@@ -236,6 +236,16 @@ def basis_overlap(VA: dict, VB: dict) -> dict:
     return {"overlap": float((M ** 2).sum()) / r, "cosines": [float(c) for c in cos[:r]]}
 
 
+def loss_raising_coefficients(coef: torch.Tensor, residual_proj: torch.Tensor) -> torch.Tensor:
+    """The part of ``coef`` (``Vᵀ τ``, ``(r,)``) that raises a task's loss to first order; zeros elsewhere.
+
+    Moving the parameters by ``c_j·V_j`` moves the task's outputs by ``c_j·σ_j·U_j`` and its cross-entropy
+    by ``−c_j·σ_j·(U_jᵀ r) / n`` to first order (``r = onehot(y) − softmax(f0)``, ``residual_proj = Uᵀ r``),
+    so component j raises the loss exactly when ``c_j·(U_jᵀ r) < 0``.
+    """
+    return torch.where(coef * residual_proj < 0, coef, torch.zeros_like(coef))
+
+
 def eigenspace_component(model, batches, space: Eigenspace, delta: dict, device=None) -> dict:
     """V Vᵀ δ: the component of a parameter-space direction δ in a task's top-r eigenspace.
 
@@ -307,7 +317,9 @@ def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 5
         max_uncertainty: the trust threshold, in accuracy points: a prediction is trusted when at most
             this share of its task's evaluation examples lies inside the uncertainty band of
             :func:`trust_band` (needs ``second_order``; first-order-only predictions are all untrusted).
-        ntk_aware: also build, predict and measure the NTK-aware merge.
+        ntk_aware: also build, predict and measure the NTK-aware merges: ``ntk_aware`` (each τ_t minus its
+            component in the other tasks' top-r eigenspaces) and ``ntk_aware_harmful`` (minus only the
+            components that raise the other task's training loss to first order), at the prediction-chosen λ.
     """
     from tqdm.auto import tqdm
 
@@ -409,20 +421,43 @@ def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 5
                  "energy": [[None if math.isnan(x) else x for x in row] for row in energy.tolist()],
                  "spectra": {t: spaces[t].eigenvalues[:200].tolist() for t in names}}
         if ntk_aware:
-            proj = {}
-            for t in names:  # τ_t' = τ_t − Σ_{s≠t} V_s V_sᵀ τ_t
+            # which of task s's eigendirections lower its training loss: g_s = Uᵀ r_s, r_s = onehot(y) − softmax(f0)
+            # on the kernel inputs; moving by c·V_j changes the loss by ≈ −σ_j·g_j·c / n (first order)
+            helps = {}
+            for s in names:
+                f0k, yk = [], []
+                with torch.no_grad(), fast_attention(models[s]):
+                    models[s].eval()
+                    for b in kernel_batches[s]:
+                        b = {k: v.to(device) for k, v in b.items()}
+                        f0k.append(models[s](b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float().cpu())
+                        yk.append(b["labels"].cpu())
+                f0k, yk = torch.cat(f0k), torch.cat(yk)
+                r = (torch.nn.functional.one_hot(yk, f0k.shape[-1]).double() - f0k.double().softmax(-1)).reshape(-1)
+                helps[s] = spaces[s].U.T @ r  # (r,)
+            proj, harm = {}, {}
+            for t in names:  # τ_t' = τ_t − Σ_{s≠t} V_s V_sᵀ τ_t ; τ_t'' removes only the loss-raising part
                 delta = {k: v.float().clone() for k, v in vectors[t].deltas.items()}
+                delta_h = {k: v.float().clone() for k, v in vectors[t].deltas.items()}
                 for s in names:
                     if s != t:
-                        c = coef[(s, t)].float()
+                        c = coef[(s, t)]
+                        ch = loss_raising_coefficients(c, helps[s])
                         for k in delta:
                             if k in bases[s]:
-                                delta[k] -= torch.einsum("r,r...->...", c.to(bases[s][k].device), bases[s][k]).cpu()
-                proj[t] = delta
+                                Vk = bases[s][k]
+                                delta[k] -= torch.einsum("r,r...->...", c.float().to(Vk.device), Vk).cpu()
+                                delta_h[k] -= torch.einsum("r,r...->...", ch.float().to(Vk.device), Vk).cpu()
+                proj[t], harm[t] = delta, delta_h
             ntk_sum = {k: sum(proj[t][k] for t in names if k in proj[t]) for k in keys}
-            eigen["ntk_aware_removed_share"] = {
-                t: (1 - math.sqrt(sum(float((proj[t][k] ** 2).sum()) for k in proj[t])) / vectors[t].norm())
-                if vectors[t].norm() > 0 else None for t in names}
+            harm_sum = {k: sum(harm[t][k] for t in names if k in harm[t]) for k in keys}
+
+            def removed(d: dict, t: str):
+                nt = vectors[t].norm()
+                return 1 - math.sqrt(sum(float((d[k] ** 2).sum()) for k in d)) / nt if nt > 0 else None
+
+            eigen["ntk_aware_removed_share"] = {t: removed(proj[t], t) for t in names}
+            eigen["ntk_aware_harmful_removed_share"] = {t: removed(harm[t], t) for t in names}
         del bases, Ks
     timings["eigen_total"] = time.time() - tick
 
@@ -435,6 +470,7 @@ def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 5
             second_specs[m.name] = merge_deltas[m.name]
     if ntk_aware:
         second_specs["ntk_sum"] = ntk_sum
+        second_specs["ntk_harm_sum"] = harm_sum
     D: dict[str, Directional] = {}
     for s in tqdm(names, desc="linearised predictions", disable=not progress):
         d1 = directional_outputs(models[s], eval_batches[s], dir_specs, device=device)
@@ -571,6 +607,9 @@ def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 5
         per = record(*merge_terms("ntk_sum", lam), measure(_scale(ntk_sum, lam)))
         results_merges.append({"name": f"ntk_aware λ={lam:g}", "method": "ntk_aware", "params": {"lambda": lam},
                                "per_task": per})
+        per = record(*merge_terms("ntk_harm_sum", lam), measure(_scale(harm_sum, lam)))
+        results_merges.append({"name": f"ntk_aware_harmful λ={lam:g}", "method": "ntk_aware_harmful",
+                               "params": {"lambda": lam}, "per_task": per})
         per = record(*ta_terms({t: lam for t in names}), measure(_scale(sum_tau, lam)))
         results_merges.append({"name": f"task_arithmetic λ={lam:g}", "method": "task_arithmetic",
                                "params": {"lambda": lam}, "per_task": per})

@@ -174,3 +174,23 @@ def test_trust_band_exact_linear_prediction_is_trusted_and_curvature_untrusts():
     assert band["trusted"] is False
     # a second-order term larger than the first is never trusted, whatever the margins
     assert trust_band(first, 3 * first, 100 * torch.eye(3)[torch.arange(200) % 3], 100.0)["trusted"] is False
+
+
+def test_loss_raising_coefficients_keep_only_the_harmful_part():
+    from taskvec.interference import loss_raising_coefficients
+
+    g = torch.Generator().manual_seed(3)
+    n_o, r = 30, 6
+    U = torch.linalg.qr(torch.randn(n_o, r, generator=g, dtype=torch.float64)).Q
+    sigma = torch.rand(r, generator=g, dtype=torch.float64) + 0.5
+    resid = torch.randn(n_o, generator=g, dtype=torch.float64)
+    c = torch.randn(r, generator=g, dtype=torch.float64)
+    gproj = U.T @ resid
+    harm = loss_raising_coefficients(c, gproj)
+
+    def dloss(coef):  # first-order loss change of moving by Σ_j coef_j V_j (outputs move by U Σ coef)
+        return float(-(resid @ (U @ (sigma * coef))))
+
+    assert all(dloss(torch.eye(r, dtype=torch.float64)[j] * harm[j]) >= 0 for j in range(r))
+    assert dloss(c - harm) <= min(dloss(c), 0.0) + 1e-12  # what is left never raises the loss
+    assert torch.equal(harm + loss_raising_coefficients(-c, gproj) * -1, c)  # every component is one or the other
