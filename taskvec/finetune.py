@@ -5,7 +5,9 @@ One task = one independent run from the same base weights and the same seed poli
 1. a head is built: a linear probe (logistic regression on frozen, pooled base features) for encoders,
    or label words read through the LM head for decoders (``head="label_words"``);
 2. the scope's parameters train (``full``, ``attention``, ``qkv``, ``q``, ``qv``, ... or ``lora`` via peft) with
-   AdamW or plain SGD, evaluated on the validation split every ``eval_every`` steps;
+   AdamW or plain SGD, evaluated on the validation split every ``eval_every`` steps (plus ``eval_steps`` and
+   the steps a rule asks for); ``test_curve`` also logs test metrics there (never shown to the rules), and
+   ``label_noise`` flips a seeded share of the training and validation labels (:func:`flip_labels`);
 3. stopping rules (:mod:`taskvec.stopping`; ``patience`` by default, ``spectral`` from the kernel theory)
    decide when to stop; the best validation checkpoint is kept;
 4. the task model is written atomically as ``RUN/finetune/<task>/`` (``model/`` = ``save_pretrained`` backbone
@@ -94,6 +96,9 @@ class FinetuneConfig:
     use_rslora: bool = False
     device: str | None = None  # None: accelerate's choice
     attn_implementation: str = "sdpa"
+    label_noise: float = 0.0  # share of train and validation labels flipped (test stays clean)
+    test_curve: bool = False  # also evaluate the test split at every evaluation (logged, never used to stop)
+    eval_steps: list[int] = field(default_factory=list)  # extra evaluation steps besides every eval_every
 
     def __post_init__(self):
         if self.optimizer not in ("adamw", "sgd"):
@@ -109,6 +114,11 @@ class FinetuneConfig:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if isinstance(self.early_stopping, str):
             self.early_stopping = [r for r in self.early_stopping.split(",") if r and r != "none"]
+        if not 0.0 <= self.label_noise < 1.0:
+            raise ValueError(f"label_noise must be in [0, 1), got {self.label_noise}")
+        self.eval_steps = sorted({int(k) for k in (self.eval_steps or [])})
+        if any(k < 1 for k in self.eval_steps):
+            raise ValueError(f"eval_steps must be >= 1, got {self.eval_steps}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate at 0-based optimiser step ``step``."""
@@ -176,6 +186,36 @@ def evaluate(model: TaskModel, batches, loss: str = "ce", accelerator=None, devi
     if total == 0:
         raise TaskvecError("evaluation on an empty split")
     return {"accuracy": correct / total, "loss": loss_sum / total, "n": total}
+
+
+# --- label noise ----------------------------------------------------------------------------------
+
+
+def flip_labels(task: Task, indices, rate: float, seed: int = 0) -> tuple[Task, list[int]]:
+    """A copy of ``task`` whose labels at ``indices`` are flipped with probability ``rate`` each.
+
+    Every example ``i`` of the task gets two seeded uniform draws ``u_i, v_i`` (``numpy`` generator of
+    ``seed``, in example order), independent of which split asks for it: example ``i`` is flipped iff it is in
+    ``indices`` and ``u_i < rate``, to class ``(y_i + 1 + ⌊v_i·(C − 1)⌋) mod C`` (uniform over the other
+    classes). So the same seed flips the same examples whether they are asked for as one split or as the
+    union of two (a run on train ∪ val sees exactly the noisy labels of the run on train with validation
+    on val). The number flipped is binomial, not exactly ``rate·len(indices)``.
+
+    Returns ``(noisy_task, flipped)`` with the sorted flipped indices; ``rate = 0`` returns ``task`` itself.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"label noise rate must be in [0, 1), got {rate}")
+    if rate == 0:
+        return task, []
+    rng = np.random.default_rng(seed)
+    u, v = rng.random(len(task)), rng.random(len(task))
+    C = task.num_labels
+    labels = list(task.labels)
+    flipped = sorted({int(i) for i in indices if u[int(i)] < rate})
+    for i in flipped:
+        labels[i] = (labels[i] + 1 + int(v[i] * (C - 1))) % C
+    return Task(task.name, task.texts, labels, task.label_names, task.texts_b, task.label_words,
+                task.prompt), flipped
 
 
 # --- model construction -----------------------------------------------------------------------------
@@ -353,6 +393,12 @@ def finetune_task(base, task: Task, out_dir, config: FinetuneConfig | None = Non
     t0 = time.time()
 
     splits = splits or make_splits(task, config.seed, config.test_size, config.val_size, config.max_train)
+    # label noise: train and validation labels only; the test split keeps the clean task
+    noisy, flipped = flip_labels(task, list(splits.train) + list(splits.val), config.label_noise, config.seed)
+    fset = set(flipped)
+    noise = None if not config.label_noise else {
+        "rate": config.label_noise, "seed": config.seed, "flipped_train": sum(i in fset for i in splits.train),
+        "flipped_val": sum(i in fset for i in splits.val), "flipped": flipped}
     tok = load_tokenizer(base)
     backbone_cfg_is_decoder = None
     prompt = None
@@ -363,13 +409,13 @@ def finetune_task(base, task: Task, out_dir, config: FinetuneConfig | None = Non
         if backbone_cfg_is_decoder and config.head in ("auto", "label_words"):
             prompt = task.prompt
     mk = {"max_length": config.max_length, "prompt": prompt}
-    train = Batches(tok, task, splits.train, config.batch_size, shuffle=True, seed=config.seed, **mk)
+    train = Batches(tok, noisy, splits.train, config.batch_size, shuffle=True, seed=config.seed, **mk)
     ev = dict(mk, sort_by_length=True)
-    probe_batches = Batches(tok, task, splits.train, config.eval_batch_size, **ev)
-    val = Batches(tok, task, splits.val, config.eval_batch_size, **ev) if splits.val else None
+    probe_batches = Batches(tok, noisy, splits.train, config.eval_batch_size, **ev)
+    val = Batches(tok, noisy, splits.val, config.eval_batch_size, **ev) if splits.val else None
     test = Batches(tok, task, splits.test, config.eval_batch_size, **ev)
 
-    model = build_task_model(base, task, tok, probe_batches, config, device)
+    model = build_task_model(base, noisy, tok, probe_batches, config, device)
     model.to(device)
     model, sel_names, no_decay = _trainable(model, config)
     opt = _optimizer(model, config, no_decay)
@@ -397,9 +443,13 @@ def finetune_task(base, task: Task, out_dir, config: FinetuneConfig | None = Non
     ctx = TrainContext(unwrapped, sel_names, lambda: iter(probe_batches), train.num_examples, task.num_labels,
                        config.lr_at, config.max_steps, config.optimizer, config.batch_size, config.loss, device)
     curve: list[dict] = []
-    if base_val is not None:
-        curve.append({"step": 0, "train_loss": None, "val_loss": base_val["loss"],
-                      "val_accuracy": base_val["accuracy"]})
+    if base_val is not None or config.test_curve:
+        first: dict = {"step": 0, "train_loss": None}
+        if base_val is not None:
+            first.update(val_loss=base_val["loss"], val_accuracy=base_val["accuracy"])
+        if config.test_curve:
+            first.update(test_loss=probe_test["loss"], test_accuracy=probe_test["accuracy"])
+        curve.append(first)
     step, best_state, best_step, best_metric = 0, None, 0, None
     mode_max = "acc" in config.metric
     stop: StopDecision | None = None
@@ -418,6 +468,8 @@ def finetune_task(base, task: Task, out_dir, config: FinetuneConfig | None = Non
         r.start(ctx)
         if step == 0 and base_val is not None:  # the base (probe head) is the first candidate checkpoint
             r.update(0, {"step": 0, "val_loss": base_val["loss"], "val_accuracy": base_val["accuracy"]})
+    # evaluation steps: every eval_every, the configured extra steps, the steps rules ask for, the last
+    eval_at = set(config.eval_steps) | {int(k) for r in rules for k in getattr(r, "eval_steps", list)() if k >= 1}
     if best_state is None:
         best_state = _trainable_state(unwrapped)
         best_metric = None if base_val is None else base_val["accuracy" if mode_max else "loss"]
@@ -452,8 +504,8 @@ def finetune_task(base, task: Task, out_dir, config: FinetuneConfig | None = Non
             running += loss.item()
             running_n += 1
             bar.update(1)
-            metrics = None
-            if step % config.eval_every == 0 or step == config.max_steps:
+            metrics = seen = None
+            if step % config.eval_every == 0 or step == config.max_steps or step in eval_at:
                 metrics = {"step": step, "train_loss": running / max(running_n, 1)}
                 running, running_n = 0.0, 0
                 if val is not None:
@@ -462,11 +514,15 @@ def finetune_task(base, task: Task, out_dir, config: FinetuneConfig | None = Non
                     value = ev["accuracy" if mode_max else "loss"]
                     if best_metric is None or (value > best_metric if mode_max else value < best_metric):
                         best_metric, best_step, best_state = value, step, _trainable_state(unwrapped)
+                seen = dict(metrics)  # what the rules see: never test metrics
+                if config.test_curve:
+                    te = evaluate(model, test, config.loss, device=device)
+                    metrics.update(test_loss=te["loss"], test_accuracy=te["accuracy"])
                 curve.append(metrics)
                 last_good = _trainable_state(unwrapped)
                 bar.set_postfix({k: round(v, 4) for k, v in metrics.items() if k != "step"})
             for r in rules:
-                d = r.update(step, metrics)
+                d = r.update(step, seen)
                 if d is not None and stop is None:
                     stop = d
             if metrics is not None and acc.is_main_process and stop is None:  # resumable checkpoint
@@ -513,7 +569,7 @@ def finetune_task(base, task: Task, out_dir, config: FinetuneConfig | None = Non
                 **asdict(result), "config": asdict(config), "base_model": str(resolve_model(base)),
                 "probe": {"test_accuracy": probe_test["accuracy"], "test_loss": probe_test["loss"],
                           "val_accuracy": base_val["accuracy"] if base_val else None},
-                "test": final_test, "label_names": task.label_names})
+                "test": final_test, "label_names": task.label_names, "label_noise": noise})
             write_json(tmp / "split.json", splits.to_json())
             save_task(task, tmp / "task.json")
         shutil.rmtree(ckpt, ignore_errors=True)

@@ -49,10 +49,11 @@ treat its predictions as order-of-magnitude.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -324,6 +325,7 @@ class SpectralSummary:
     eigen_top: list = field(default_factory=list)
     predicted_step_by_choice: dict = field(default_factory=dict)
     seconds: float | None = None
+    kernel_cache: str | None = None
     notes: list = field(default_factory=list)
 
 
@@ -344,6 +346,10 @@ class SpectralStopping(StoppingRule):
         mode: kernel mode ``"exact"`` (default) or ``"sketch"`` (with ``sketch_dim``).
         action: ``"stop"`` (default) or ``"log"`` (only log the prediction; never stops).
         seed: subsample/CV seed. chunk_size: NTK chunk size.
+        cache_dir: folder for the θ0 kernel (default: none). The key hashes the subsample's tokens, the
+            model's outputs on them at θ0 (float64 bytes: a different backbone or head misses), the parameter
+            selection and the kernel mode, so runs that differ only in optimiser or learning rate share one
+            kernel. ``summary()["kernel_cache"]`` says ``"hit"`` or ``"miss"``.
     """
 
     name = "spectral"
@@ -352,7 +358,8 @@ class SpectralStopping(StoppingRule):
                  rcond: float = 1e-7, trunc: float = 1e-3, sigma: float | None = None,
                  adam_mapping: str = "path", adam_batches: int = 8, beta2: float = 0.999,
                  adam_eps: float = 1e-8, eta_scale: float = 1.0, mode: str = "exact", sketch_dim: int = 4096,
-                 action: str = "stop", seed: int = 0, chunk_size: int | None = None):
+                 action: str = "stop", seed: int = 0, chunk_size: int | None = None,
+                 cache_dir: str | None = None):
         if kernel not in ("full", "trace"):
             raise SpectralError(f"kernel must be 'full' or 'trace', got {kernel!r}")
         if r2 not in ("pinv", "truncated", "ridge"):
@@ -367,7 +374,8 @@ class SpectralStopping(StoppingRule):
         self.adam_mapping, self.adam_batches = adam_mapping, int(adam_batches)
         self.beta2, self.adam_eps, self.eta_scale = float(beta2), float(adam_eps), float(eta_scale)
         self.mode, self.sketch_dim, self.action = mode, int(sketch_dim), action
-        self.seed, self.chunk_size = int(seed), chunk_size
+        self.seed, self.chunk_size = int(seed), None if chunk_size in (None, "", "none") else int(chunk_size)
+        self.cache_dir = None if cache_dir in (None, "", "none") else Path(cache_dir)
         self.info = SpectralSummary()
         self.predicted: int | None = None
 
@@ -376,7 +384,7 @@ class SpectralStopping(StoppingRule):
         if self.predicted is not None:  # resumed run: prediction restored from state
             return
         t0 = time.perf_counter()
-        from .ntk import as_batch, empirical_ntk, select_params
+        from .ntk import as_batch, empirical_ntk
 
         model = ctx.model
         sels = self._selections(ctx)
@@ -405,10 +413,29 @@ class SpectralStopping(StoppingRule):
         else:
             resid = Y - f0
             loss_scale = 1.0
-        res = empirical_ntk(model, sub, params=sels, output="logits", kernel="full", mode=self.mode,
-                            groups=False, sketch_dim=self.sketch_dim, seed=self.seed, chunk_size=self.chunk_size)
-        Kfull = res.matrix()  # (m·o, m·o), example-major
-        Ktr = torch.diagonal(res.kernel, dim1=2, dim2=3).mean(-1)
+        key = self._cache_key(sub, f0, sels)
+        path = None if self.cache_dir is None else self.cache_dir / f"spectral-kernel-{key}.safetensors"
+        if path is not None and path.exists():
+            from safetensors.torch import load_file
+
+            K4 = load_file(str(path))["kernel"]
+            cache = "hit"
+        else:
+            res = empirical_ntk(model, sub, params=sels, output="logits", kernel="full", mode=self.mode,
+                                groups=False, sketch_dim=self.sketch_dim, seed=self.seed, chunk_size=self.chunk_size)
+            K4 = res.kernel
+            cache = None
+            if path is not None:
+                from safetensors.torch import save_file
+
+                from .io import atomic_file
+
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_file(path) as tmp:
+                    save_file({"kernel": K4.contiguous()}, str(tmp), metadata={"key": key})
+                cache = "miss"
+        Kfull = K4.permute(0, 2, 1, 3).reshape(m * o, m * o)  # (m·o, m·o), example-major
+        Ktr = torch.diagonal(K4, dim1=2, dim2=3).mean(-1)
         sig = ({"sigma": self.sigma, "ridge": None, "cv_mse": None} if self.sigma is not None
                else estimate_sigma(Ktr, resid.numpy(), seed=self.seed))
         ridge = sig["ridge"]
@@ -459,10 +486,23 @@ class SpectralStopping(StoppingRule):
             loss=ctx.loss, loss_scale=loss_scale, optimizer=opt,
             adam_mapping=None if opt == "sgd" else self.adam_mapping, adam_kappa=kappa,
             adam_signal_share=share, eta_scale=self.eta_scale, eigen_top=[float(x) for x in lam[:20]],
-            predicted_step_by_choice=by_choice, seconds=time.perf_counter() - t0,
+            predicted_step_by_choice=by_choice, seconds=time.perf_counter() - t0, kernel_cache=cache,
             notes=([f"kernel on a random subsample of {m} of {n} training examples; sums use n = {n}"]
                    if m < n else []) + ([f"sigma fixed by the user: {self.sigma}"] if self.sigma is not None
                                         else [f"sigma from 5-fold CV kernel ridge (ridge {ridge:g})"]))
+
+    def _cache_key(self, sub: dict, f0: torch.Tensor, sels) -> str:
+        """Hash of what the θ0 kernel depends on (see ``cache_dir``)."""
+        h = hashlib.sha256()
+        for k in sorted(sub):
+            if k != "labels":
+                h.update(k.encode())
+                h.update(sub[k].contiguous().numpy().tobytes())
+        h.update(f0.contiguous().numpy().tobytes())
+        h.update(repr([(s.name, s.shape, s.dim, s.ranges) if hasattr(s, "ranges") else s for s in sels]).encode())
+        h.update(f"{self.mode}|{self.sketch_dim if self.mode == 'sketch' else ''}|"
+                 f"{self.seed if self.mode == 'sketch' else ''}".encode())
+        return h.hexdigest()[:24]
 
     def _selections(self, ctx):
         from .ntk import select_params
@@ -536,6 +576,10 @@ class SpectralStopping(StoppingRule):
                                 f"{self.info.predicted_eta:.4g}, σ = {self.info.sigma:.3g}, R² = {self.info.R2:.4g})",
                                 step, step)
         return None
+
+    def eval_steps(self) -> list[int]:
+        """The predicted step, so that the learning curve has a measured point exactly there."""
+        return [self.predicted] if self.predicted else []
 
     def summary(self) -> dict:
         return asdict(self.info)

@@ -6,7 +6,8 @@ The fine-tuning loop (:mod:`taskvec.finetune`) calls every active rule
   training batches, step-size schedule) so that data-dependent rules (the spectral rule of
   :mod:`taskvec.spectral`) can compute what they need at θ0;
 * after every optimiser step with :meth:`StoppingRule.update`, passing the evaluation metrics when that
-  step was an evaluation step (else ``None``).
+  step was an evaluation step (else ``None``). Evaluations happen every ``eval_every`` steps, at the
+  configured ``eval_steps``, and at the steps a rule asks for with :meth:`StoppingRule.eval_steps`.
 
 A rule answers ``None`` (go on) or a :class:`StopDecision`. The loop stops at the first decision of any
 rule, restores the best checkpoint by validation metric when it has one (or the state at the decided
@@ -76,6 +77,11 @@ class StoppingRule:
     def update(self, step: int, metrics: dict | None) -> StopDecision | None:
         """Called after optimiser step ``step`` (1-based count of steps done); ``metrics`` at evaluations."""
         return None
+
+    def eval_steps(self) -> list[int]:
+        """Steps (after :meth:`start`) at which the rule wants an evaluation besides the regular ones, e.g. its
+        own predicted stopping step, so that the learning curve has a measured point there."""
+        return []
 
     def summary(self) -> dict:
         """JSON-serialisable summary written to the run's log."""

@@ -2,6 +2,7 @@
 
 import json
 import math
+import typing
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from taskvec.spectral import (
     rkhs_norm_sq,
     spectral_stopping_step,
 )
-from taskvec.stopping import StopDecision, TrainContext, make_rule
+from taskvec.stopping import StopDecision, StoppingRule, TrainContext, make_rule
 
 E = math.e
 
@@ -165,3 +166,116 @@ def test_rule_sgd_matches_pure_function():
     assert rule.predicted == pred.step
     assert rule.summary()["R2"] == pytest.approx(R2, rel=1e-9)
     assert rule.update(10 ** 6, None) is None  # action="log" never stops
+
+
+# --- additions for the outcome study: label noise, test curve, extra evaluation steps, kernel cache ---------
+
+
+def test_flip_labels_is_keyed_by_example():
+    from conftest import toy_task
+
+    from taskvec.finetune import flip_labels
+    from taskvec.tasks import Task
+
+    task = toy_task(n=400)
+    a, b = list(range(200)), list(range(200, 300))
+    _, fa = flip_labels(task, a, 0.3, seed=5)
+    noisy_ab, fab = flip_labels(task, a + b, 0.3, seed=5)
+    assert set(fa) <= set(a) and set(fab) <= set(a + b)
+    assert [i for i in fab if i < 200] == fa  # the union flips the same examples of a
+    assert fab[len(fa):] == flip_labels(task, b, 0.3, seed=5)[1]  # ... and of b
+    assert 0.15 < len(fa) / len(a) < 0.45  # binomial around the rate
+    changed = [i for i in range(len(task)) if noisy_ab.labels[i] != task.labels[i]]
+    assert changed == fab  # flipped = changed, nothing outside the indices
+    assert flip_labels(task, a, 0.3, seed=6)[1] != fa
+    assert flip_labels(task, a, 0.0)[0] is task
+    with pytest.raises(ValueError, match="rate must be in"):
+        flip_labels(task, a, 1.0)
+    # multi-class: the new label is another class, each other class reachable
+    g = np.random.default_rng(0)
+    mc = Task("mc", [f"t{i}" for i in range(3000)], g.integers(0, 4, 3000).tolist(), ["a", "b", "c", "d"])
+    noisy, f = flip_labels(mc, range(3000), 0.5, seed=1)
+    moves = {(mc.labels[i], noisy.labels[i]) for i in f}
+    assert all(x != y for x, y in moves) and len(moves) == 12
+
+
+def test_config_validates_noise_and_eval_steps():
+    from taskvec.finetune import FinetuneConfig
+
+    with pytest.raises(ValueError, match="label_noise"):
+        FinetuneConfig(label_noise=1.0)
+    with pytest.raises(ValueError, match="eval_steps"):
+        FinetuneConfig(eval_steps=[0, 3])
+    assert FinetuneConfig(eval_steps=[7, 3, 3]).eval_steps == [3, 7]
+
+
+class _Recorder(StoppingRule):
+    """A rule that asks for an evaluation at step 5 and records the metric keys it is shown."""
+
+    name = "recorder"
+    seen: typing.ClassVar[list] = []
+
+    def __init__(self):
+        _Recorder.seen = []
+
+    def eval_steps(self):
+        return [5]
+
+    def update(self, step, metrics):
+        if metrics is not None:
+            _Recorder.seen.append((step, sorted(metrics)))
+
+
+def test_finetune_label_noise_test_curve_and_eval_steps(tiny_bert, tmp_path):
+    from conftest import toy_task
+
+    from taskvec.finetune import FinetuneConfig, finetune_task
+    from taskvec.stopping import register_rule
+    from taskvec.tasks import make_splits
+
+    register_rule("recorder", _Recorder)
+    task = toy_task(n=200)
+    splits = make_splits(task, 0, 40, 30, max_val_fraction=0.2)
+    cfg = FinetuneConfig(max_steps=12, eval_every=8, eval_steps=[3], lr=1e-3, batch_size=8, device="cpu",
+                         label_noise=0.3, test_curve=True, early_stopping=["recorder"])
+    finetune_task(tiny_bert, task, tmp_path / "t", cfg, splits=splits, progress=False)
+    log = json.loads((tmp_path / "t" / "log.json").read_text())
+    steps = [e["step"] for e in log["curve"]]
+    assert steps == [0, 3, 5, 8, 12]  # regular, configured, the rule's own, the last
+    assert all({"test_loss", "test_accuracy", "val_loss"} <= set(e) for e in log["curve"])
+    assert log["curve"][0]["test_accuracy"] == log["probe"]["test_accuracy"]
+    # the rule saw the evaluations, but never a test metric
+    assert [s for s, _ in _Recorder.seen if s > 0] == [3, 5, 8, 12]
+    assert all(not any(k.startswith("test") for k in keys) for _, keys in _Recorder.seen)
+    noise = log["label_noise"]
+    flipped = set(noise["flipped"])
+    assert noise["rate"] == 0.3 and flipped <= set(splits.train) | set(splits.val)
+    assert noise["flipped_train"] == len(flipped & set(splits.train)) > 0
+    assert noise["flipped_val"] == len(flipped & set(splits.val))
+    assert log["config"]["label_noise"] == 0.3
+    # the saved task keeps the clean labels; the flips are recorded, not baked in
+    saved = json.loads((tmp_path / "t" / "task.json").read_text())
+    assert saved["labels"] == task.labels
+
+
+def test_spectral_kernel_cache_and_eval_step(tmp_path):
+    ctx = _tiny_ctx("sgd", "mse")
+    a = SpectralStopping(max_examples=16, cache_dir=str(tmp_path), action="log")
+    a.start(ctx)
+    assert a.summary()["kernel_cache"] == "miss" and len(list(tmp_path.glob("*.safetensors"))) == 1
+    b = SpectralStopping(max_examples=16, cache_dir=str(tmp_path), action="log")
+    b.start(ctx)
+    sb = b.summary()
+    assert sb["kernel_cache"] == "hit" and sb["R2"] == a.summary()["R2"] and b.predicted == a.predicted
+    assert sb["eigen_top"] == a.summary()["eigen_top"]
+    assert b.eval_steps() == ([a.predicted] if a.predicted else [])
+    # another head (other outputs at θ0): a different kernel, so a miss
+    with torch.no_grad():
+        ctx.model.head.linear.weight.mul_(1.5)
+    c = SpectralStopping(max_examples=16, cache_dir=str(tmp_path), action="log")
+    c.start(ctx)
+    assert c.summary()["kernel_cache"] == "miss" and len(list(tmp_path.glob("*.safetensors"))) == 2
+    # without a cache nothing is written and the summary says so
+    d = SpectralStopping(max_examples=16, action="log")
+    d.start(ctx)
+    assert d.summary()["kernel_cache"] is None
