@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from taskvec.io import replace_marked_section
-from taskvec.pipeline import run_pipeline
+from taskvec.pipeline import load_config, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     hw = torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     per_stage = ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())
-    cfg = json.loads((Path(a.out) / "pipeline.json").read_text()).get("config", {})
+    cfg = load_config(a.config)
     fcfg = cfg.get("finetune", {})
     what = (f"{cfg.get('model', '?')}, scope {fcfg.get('scope', '?')}, {fcfg.get('optimizer', '?')} "
             f"lr {fcfg.get('lr', '?')}, tasks {', '.join(cfg.get('tasks', []))}")

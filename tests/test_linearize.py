@@ -150,3 +150,16 @@ def test_float64_finite_difference_second_order_equals_the_nested_jvp_on_a_float
     # the default method of directional_outputs is the finite-difference one
     default = directional_outputs(m, [b], {"a": {n: t.float() for n, t in dirs["a"].items()}}, second_order=True)
     assert torch.allclose(default.hvps["a"], fd["a"]) and torch.allclose(default.jvps["a"], fd1["a"])
+
+
+def test_fast_attention_switches_to_sdpa_and_restores_eager():
+    from taskvec.linearize import fast_attention
+
+    m, b = tiny(), batch()
+    ref = f(m, b)
+    assert m.backbone.config._attn_implementation == "eager"
+    with fast_attention(m):
+        assert m.backbone.config._attn_implementation == "sdpa"
+        fast = f(m, b)
+    assert m.backbone.config._attn_implementation == "eager"
+    assert torch.allclose(fast, ref, atol=1e-10)
