@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from taskvec.modeling import HeadSpec, LinearHead, TaskModel
 from taskvec.ntk import (
+    _default_chunk,
     _Jacobian,
     additive_mask,
     empirical_ntk,
@@ -90,15 +91,54 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
-def timed(fn, dev):
+class _RSSPeak:
+    """Peak resident memory of this process while a block runs (CPU), sampled every 10 ms from /proc."""
+
+    def __enter__(self):
+        import threading
+
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return 0
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._rss())
+
+
+CPU_SECONDS: dict = {}  # last call's process CPU time (user + system, all threads), by label
+
+
+def timed(fn, dev, label=None):
+    """(result, seconds, peak bytes): GPU: peak allocated; CPU: peak RSS above the RSS before the call.
+
+    Also records the process CPU time in ``CPU_SECONDS[label]``: on a shared machine wall time includes
+    waiting for a core, CPU time does not (it does include cache and memory-bandwidth contention)."""
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(dev)
-    t = time.perf_counter()
-    out = fn()
-    sync(dev)
-    dt = time.perf_counter() - t
-    mem = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
+    with _RSSPeak() as rss:
+        t, c = time.perf_counter(), time.process_time()
+        out = fn()
+        sync(dev)
+        dt = time.perf_counter() - t
+        CPU_SECONDS[label] = time.process_time() - c
+    mem = torch.cuda.max_memory_allocated() if dev.type == "cuda" else rss.peak - rss.base
     return out, dt, mem
 
 
@@ -156,7 +196,8 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="backbone directory (default: the minilm wheel)")
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--chunk", type=int, default=None, help="examples per vmap call")
+    ap.add_argument("--chunk", type=int, default=None, help="examples per gradient call (default: the library's)")
+    ap.add_argument("--repeats", type=int, default=1, help="alternating ours/tutorial timings (medians reported)")
     ap.add_argument("--floor-batch", type=int, default=None)
     ap.add_argument("--max-memory", default=None, help="exact-mode Jacobian budget, e.g. 12GB")
     ap.add_argument("--no-tutorial", action="store_true")
@@ -171,7 +212,7 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"
-    chunk = a.chunk or (256 if cuda else 8)
+    chunk = a.chunk or _default_chunk(dev)
     fb = a.floor_batch or (256 if cuda else 32)
     model = load_model(a.model, dev)
     sels = select_params(model, "qkv")
@@ -188,39 +229,69 @@ def main(argv=None):
         empirical_ntk(model, w, kernel="trace", groups=False, chunk_size=chunk)
         floor_pass(model, w, sels, fb)
         flops_floor = floor_flops(model, x, sels, min(fb, 8))
-        _, t_floor, m_floor = timed(lambda: floor_pass(model, x, sels, fb), dev)
-        r_ours, t_ours, m_ours = timed(lambda: empirical_ntk(model, x, kernel="trace", groups=False,
-                                                             chunk_size=chunk, max_memory=a.max_memory), dev)
-        K = r_ours.kernel
+        _, t_floor, m_floor = timed(lambda: floor_pass(model, x, sels, fb), dev, "floor")
         flops = flops_floor + 2.0 * a.n * a.n * p  # per-example grads ≈ the floor's matmuls, + the Gram
-        res.update({"n": a.n, "floor_s": t_floor, "ours_s": t_ours, "ours_peak_bytes": m_ours,
-                    "floor_peak_bytes": m_floor, "ours_info": r_ours.info, "flops_floor": flops_floor,
-                    "flops_ours": flops, "ours_flop_rate": flops / t_ours, "floor_flop_rate": flops_floor / t_floor,
-                    "peak_flops": peak})
-        print(f"n = {a.n}: floor (batched fwd+bwd, qkv grads) {t_floor:.3f} s | ours exact {t_ours:.3f} s "
-              f"({t_ours / t_floor:.2f}x floor)" + (f" | peak mem ours {m_ours / 2**30:.2f} GiB, floor "
-                                                    f"{m_floor / 2**30:.2f} GiB" if cuda else ""))
-        print(f"  ours: {r_ours.info}")
-        print(f"  FLOPs: floor {flops_floor:.3e}, ours {flops:.3e} (floor + 2·n²·p Gram) -> ours "
-              f"{flops / t_ours / 1e12:.2f} TFLOP/s = {flops / t_ours / peak:.1%} of peak; floor "
-              f"{flops_floor / t_floor / 1e12:.2f} TFLOP/s = {flops_floor / t_floor / peak:.1%} ({peak_desc})")
-        if not a.no_tutorial:
-            try:
-                Kt, t_tut, m_tut = timed(lambda: tutorial_ntk(model, x, x, sels), dev)
-                Kt = Kt[:, :, 0, 0].double().cpu()
-                rd = float((K - Kt).norm() / Kt.norm())
-                res.update({"tutorial_s": t_tut, "tutorial_peak_bytes": m_tut, "rel_diff": rd})
-                print(f"  tutorial (vmap(jacrev) both args + einsum): {t_tut:.3f} s -> ours is "
-                      f"{t_tut / t_ours:.2f}x faster | rel diff ours vs tutorial {rd:.2e} "
-                      f"({'ok' if rd <= 1e-5 else 'FAIL'} ≤ 1e-5)"
-                      + (f" | peak mem {m_tut / 2**30:.2f} GiB" if cuda else ""))
-                del Kt
-            except torch.OutOfMemoryError as e:
-                res["tutorial_s"] = None
-                res["tutorial_error"] = "out of memory"
-                print(f"  tutorial: out of memory at n = {a.n} ({str(e).splitlines()[0][:120]})")
-            if cuda:
-                torch.cuda.empty_cache()
+        res.update({"n": a.n, "floor_s": t_floor, "floor_peak_bytes": m_floor, "flops_floor": flops_floor,
+                    "flops_ours": flops, "floor_flop_rate": flops_floor / t_floor, "peak_flops": peak,
+                    "repeats": a.repeats, "runs": [], "floor_cpu_s": CPU_SECONDS["floor"]})
+        def mem(m):
+            return f"{m / 2**30:.2f} GiB" + ("" if cuda else " RSS")
+
+        print(f"n = {a.n}: floor (batched fwd+bwd, qkv grads, batch {fb}) {t_floor:.3f} s (CPU time "
+              f"{CPU_SECONDS['floor']:.1f} s) | peak {mem(m_floor)}")
+        # ours and the tutorial alternate (ours, tutorial, ours, tutorial, ...): on a shared machine both
+        # see the same load, and the ratio of the medians is the comparison
+        t_ours_all, t_tut_all = [], []
+        for rep in range(a.repeats):
+            r_ours, t_ours, m_ours = timed(lambda: empirical_ntk(model, x, kernel="trace", groups=False,
+                                                                 chunk_size=a.chunk, max_memory=a.max_memory),
+                                             dev, "ours")
+            K = r_ours.kernel
+            t_ours_all.append(t_ours)
+            run = {"ours_s": t_ours, "ours_cpu_s": CPU_SECONDS["ours"], "ours_peak_bytes": m_ours,
+                   "load_before_tutorial": os.getloadavg()[0]}
+            print(f"  [{rep + 1}/{a.repeats}] ours exact {t_ours:.3f} s (CPU time {CPU_SECONDS['ours']:.1f} s; "
+                  f"{t_ours / t_floor:.2f}x floor) | peak "
+                  f"{mem(m_ours)} | {r_ours.info}", flush=True)
+            if not a.no_tutorial:
+                try:
+                    Kt, t_tut, m_tut = timed(lambda: tutorial_ntk(model, x, x, sels), dev, "tutorial")
+                    Kt = Kt[:, :, 0, 0].double().cpu()
+                    rd = float((K - Kt).norm() / Kt.norm())
+                    t_tut_all.append(t_tut)
+                    c_tut = CPU_SECONDS["tutorial"]
+                    run.update({"tutorial_s": t_tut, "tutorial_cpu_s": c_tut, "tutorial_peak_bytes": m_tut,
+                                "rel_diff": rd})
+                    print(f"  [{rep + 1}/{a.repeats}] tutorial (vmap(jacrev) both args + einsum): {t_tut:.3f} s "
+                          f"(CPU time {c_tut:.1f} s) -> ours is {t_tut / t_ours:.2f}x faster (CPU time: "
+                          f"{c_tut / run['ours_cpu_s']:.2f}x) | rel diff ours vs tutorial {rd:.2e} "
+                          f"({'ok' if rd <= 1e-5 else 'FAIL'} ≤ 1e-5) | peak {mem(m_tut)}", flush=True)
+                    del Kt
+                except torch.OutOfMemoryError as e:
+                    run["tutorial_error"] = "out of memory"
+                    print(f"  tutorial: out of memory at n = {a.n} ({str(e).splitlines()[0][:120]})")
+                if cuda:
+                    torch.cuda.empty_cache()
+            res["runs"].append(run)
+        t_ours = sorted(t_ours_all)[len(t_ours_all) // 2]
+        res.update({"ours_s": t_ours, "ours_info": r_ours.info, "ours_flop_rate": flops / t_ours,
+                    "load_avg_end": os.getloadavg()})
+        print(f"  ours (median of {len(t_ours_all)}): {t_ours:.3f} s = {t_ours / t_floor:.2f}x floor | FLOPs: floor "
+              f"{flops_floor:.3e}, ours {flops:.3e} (floor + 2·n²·p Gram) -> ours {flops / t_ours / 1e12:.2f} TFLOP/s "
+              f"= {flops / t_ours / peak:.1%} of peak; floor {flops_floor / t_floor / 1e12:.2f} TFLOP/s = "
+              f"{flops_floor / t_floor / peak:.1%} ({peak_desc})")
+        if t_tut_all:
+            t_tut = sorted(t_tut_all)[len(t_tut_all) // 2]
+            med = (lambda v: sorted(v)[len(v) // 2])
+            cpu_ratio = med([r["tutorial_cpu_s"] for r in res["runs"] if "tutorial_cpu_s" in r]) / med(
+                [r["ours_cpu_s"] for r in res["runs"]])
+            res["speedup_vs_tutorial_cpu_time"] = cpu_ratio
+            res.update({"tutorial_s": t_tut, "speedup_vs_tutorial": t_tut / t_ours,
+                        "rel_diff": max(r["rel_diff"] for r in res["runs"] if "rel_diff" in r)})
+            print(f"  tutorial (median of {len(t_tut_all)}): {t_tut:.3f} s -> ours is {t_tut / t_ours:.2f}x faster "
+                  f"(per pair: {', '.join(f'{u / o:.2f}x' for o, u in zip(t_ours_all, t_tut_all))}; by CPU time "
+                  f"{cpu_ratio:.2f}x) | load average "
+                  f"now {os.getloadavg()[0]:.1f}")
         if a.n_large:
             xl = make_inputs(a.n_large, a.seq_len, model.config.vocab_size, dev, seed=1)
             _, tf_l, _ = timed(lambda: floor_pass(model, xl, sels, fb), dev)
