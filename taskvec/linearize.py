@@ -74,25 +74,40 @@ def _primals_and_tangents(model: nn.Module, deltas: dict[str, torch.Tensor]):
     return names, tuple(primals), tuple(tangents)
 
 
-def _call(model, names, batch):
+def _call(model, names, batch, output: str = "logits", keep_dtype: bool = False):
+    """``f(*params) -> (B, o)`` outputs of ``model`` on ``batch`` as a function of the parameters ``names``.
+
+    Task models and plain classifiers (``.logits``) alike, through :class:`taskvec.ntk._Wrapped`; ``output``
+    as :func:`taskvec.ntk.reduce_outputs` (``logits`` | ``margin`` | ``loss``); float32 unless ``keep_dtype``.
+    """
+    from .ntk import _Wrapped, reduce_outputs
+
+    wrapped = _Wrapped(model)
+    keys = ["m." + n for n in names]
+
     def f(*ps):
-        out = functional_call(model, dict(zip(names, ps)),
+        out = functional_call(wrapped, dict(zip(keys, ps)),
                               (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")),
                               strict=False)
-        return out.float()
+        out = reduce_outputs(out, batch.get("labels"), output)
+        return out if keep_dtype else out.float()
     return f
 
 
-def jvp_batch(model: nn.Module, batch: dict, deltas: dict[str, torch.Tensor], second_order: bool = False):
-    """``(f0, J·Δ, D²f[Δ, Δ] or None)`` on one tokenised batch, each ``(B, o)`` float32.
+def jvp_batch(model: nn.Module, batch: dict, deltas: dict[str, torch.Tensor], second_order: bool = False,
+              output: str = "logits", keep_dtype: bool = False):
+    """``(f0, J·Δ, D²f[Δ, Δ] or None)`` on one tokenised batch, each ``(B, o)`` (float32 unless ``keep_dtype``).
 
-    ``model`` is in eval mode for the call (dropout off). ``second_order`` costs a nested JVP.
+    The one forward-mode engine of taskvec (:func:`taskvec.ntk.jvp_outputs` calls it too). ``deltas`` are
+    keyed by backbone-relative or full parameter names; ``output`` is ``logits`` (o = classes), ``margin``
+    or ``loss`` (o = 1, needs ``batch["labels"]``). ``model`` is in eval mode for the call (dropout off).
+    ``second_order`` costs a nested JVP (run with a composite layer norm, see the module docstring).
     """
     was = model.training
     model.eval()
     try:
         names, primals, tangents = _primals_and_tangents(model, deltas)
-        f = _call(model, names, batch)
+        f = _call(model, names, batch, output, keep_dtype)
         if not second_order:
             f0, jd = jvp(f, primals, tangents)
             return f0.detach(), jd.detach(), None

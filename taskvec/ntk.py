@@ -1236,29 +1236,19 @@ def jvp_outputs(model: nn.Module, inputs, delta_by_param_name: dict[str, torch.T
     Returns:
         ``(f0, jvp)``, both ``(B, o)`` in the model's dtype, detached.
     """
+    from .linearize import jvp_batch
+
     named = dict(model.named_parameters())
     missing = [n for n in delta_by_param_name if n not in named]
     if missing:
         raise NTKError(f"delta names parameters the model lacks: {missing[:5]}; names look like "
                        + ", ".join(list(named)[:5]))
+    for n, d in delta_by_param_name.items():
+        if d.shape != named[n].shape:
+            raise NTKError(f"delta for {n} has shape {tuple(d.shape)}, parameter has {tuple(named[n].shape)}")
     b = as_batch(inputs, _model_device(model))
-    wrapped = _Wrapped(model)
-    names = list(delta_by_param_name)
-    primals = {"m." + n: named[n].detach() for n in names}
-    tangents = {"m." + n: delta_by_param_name[n].to(named[n].dtype).to(named[n].device) for n in names}
-    for n in names:
-        if tangents["m." + n].shape != named[n].shape:
-            raise NTKError(f"delta for {n} has shape {tuple(tangents['m.' + n].shape)}, "
-                           f"parameter has {tuple(named[n].shape)}")
-
-    def f(p):
-        logits = torch.func.functional_call(wrapped, p, (b["input_ids"], b["attention_mask"],
-                                                          b.get("token_type_ids")))
-        return reduce_outputs(logits, b.get("labels"), output)
-
-    with _eval_mode(model):
-        f0, t = torch.func.jvp(f, (primals,), (tangents,))
-    return f0.detach(), t.detach()
+    f0, jd, _ = jvp_batch(model, b, delta_by_param_name, output=output, keep_dtype=True)
+    return f0, jd
 
 
 def output_gradient(model: nn.Module, inputs, index: int, out: int, sels: list[ParamSelection],
