@@ -602,7 +602,9 @@ def finetune(base, tasks, out, config: FinetuneConfig | None = None, overwrite: 
             "config": asdict(config)}
     if run_json.exists() and not overwrite:
         old = json.loads(run_json.read_text())
-        if old.get("base_model") != meta["base_model"] or old.get("config") != meta["config"]:
+        # fields added to FinetuneConfig after a run was written count as their defaults
+        old_config = {**asdict(FinetuneConfig()), **old.get("config", {})}
+        if old.get("base_model") != meta["base_model"] or old_config != meta["config"]:
             raise TaskvecError(f"{out} holds a run with another base model or configuration; use a new "
                                "output directory or overwrite=True (--overwrite)")
         meta["tasks"] = list(dict.fromkeys(old.get("tasks", []) + names))

@@ -279,3 +279,25 @@ def test_spectral_kernel_cache_and_eval_step(tmp_path):
     d = SpectralStopping(max_examples=16, action="log")
     d.start(ctx)
     assert d.summary()["kernel_cache"] is None
+
+
+def test_run_written_before_new_config_fields_still_resumes(tiny_bert, tmp_path):
+    """A run.json without the fields added for the study (label_noise, test_curve, eval_steps) is the same
+    configuration as one with their defaults; a real difference is still refused."""
+    from conftest import toy_task
+
+    from taskvec.errors import TaskvecError
+    from taskvec.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(max_steps=4, eval_every=2, lr=1e-3, test_size=24, val_size=16, device="cpu", batch_size=8)
+    out = tmp_path / "run"
+    first = finetune(tiny_bert, [toy_task("a")], out, cfg, progress=False)
+    meta = json.loads((out / "run.json").read_text())
+    for k in ("label_noise", "test_curve", "eval_steps"):
+        del meta["config"][k]
+    (out / "run.json").write_text(json.dumps(meta))
+    again = finetune(tiny_bert, [toy_task("a")], out, cfg, progress=False)
+    assert again[0].wall_time_s == first[0].wall_time_s  # reused, not refused
+    with pytest.raises(TaskvecError, match="another base model or configuration"):
+        finetune(tiny_bert, [toy_task("a")], out, FinetuneConfig(**{**cfg.__dict__, "label_noise": 0.2}),
+                 progress=False)
