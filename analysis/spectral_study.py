@@ -333,8 +333,8 @@ def analyse(cfg: dict, out: Path) -> dict:
                "test_loss": {k: _at(curve, s, "test_loss") for k, s in steps.items()},
                "test_accuracy": {k: _at(curve, s, "test_accuracy") for k, s in steps.items()},
                "variant_steps": variants,
-               "variant_test_loss": {k: _at(reg, s, "test_loss") for k, s in variants.items()},
-               "variant_test_accuracy": {k: _at(reg, s, "test_accuracy") for k, s in variants.items()}}
+               "variant_test_loss": {k: _at(curve, s, "test_loss") for k, s in variants.items()},
+               "variant_test_accuracy": {k: _at(curve, s, "test_accuracy") for k, s in variants.items()}}
         runs.append(row)
     # best fixed budget per (task, optimiser): the grid step with the lowest mean test loss over seeds (oracle)
     fixed = {}
@@ -454,7 +454,9 @@ def report(res: dict, command: str) -> str:
     P = ["patience", "val_min", "spectral", "fixed_budget", "end"]
     lines = [
         f"Measured by `{command}` on {res['hardware']} (shared with other jobs). "
-        f"Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in res["timing_s"].items()) + ".",
+        "Wall time: " + (", ".join(f"{k} {v / 60:.1f} min" for k, v in res["timing_s"].items())
+                         or "no stage completed") + f"; the finished runs took {sum(r['wall_time_s'] for r in res['runs']) / 60:.1f} "
+        "min of wall time between them.",
         "",
         f"Setup: base `{cfg.get('base', 'minilm')}`, scope `{cfg.get('scope', 'qkv')}`, tasks "
         f"{', '.join(cfg['tasks'])}; n_train = {cfg['n_train']}, {100 * cfg['label_noise']:.0f}% of the training and "
