@@ -447,13 +447,13 @@ def report(res: dict, command: str) -> str:
                 for r in res["in_progress"]]
         timing = ", ".join(f"{k} {v / 60:.1f} min" for k, v in res["timing_s"].items()) or "none finished"
         return (f"**Not measured yet: no run of the {res['expected_runs']} planned has finished** (`{command}` on "
-                f"{res['hardware']}, shared with other jobs; stages timed so far: {timing}). The outcome criterion, "
+                f"{res['hardware']}; stages timed so far: {timing}). The outcome criterion, "
                 "the data gain and the rate check have no numbers yet; rerunning the command resumes the study. "
                 "In progress: " + "; ".join(prog or ["nothing"]) + ".\n")
     partial = o["runs"] < res["expected_runs"]
     P = ["patience", "val_min", "spectral", "fixed_budget", "end"]
     lines = [
-        f"Measured by `{command}` on {res['hardware']} (shared with other jobs). "
+        f"Measured by `{command}` on {res['hardware']}. "
         "Wall time: " + (", ".join(f"{k} {v / 60:.1f} min" for k, v in res["timing_s"].items())
                          or "no stage completed") + f"; the finished runs took {sum(r['wall_time_s'] for r in res['runs']) / 60:.1f} "
         "min of wall time between them.",
@@ -581,7 +581,7 @@ def main(argv=None) -> int:
     if "analyse" in stages:
         res = analyse(cfg, out)
         write_json(out / "study.json", res)
-        cmd = ("PYTHONUNBUFFERED=1 nice -n 19 python analysis/spectral_study.py "
+        cmd = ("PYTHONUNBUFFERED=1 python analysis/spectral_study.py "
                f"--config {Path(a.config).resolve().relative_to(ROOT) if Path(a.config).resolve().is_relative_to(ROOT) else a.config} "
                f"--out {a.out}")
         text = report(res, cmd)
