@@ -44,7 +44,7 @@ def test_pipeline_end_to_end_on_a_tiny_model(tiny_bert, tmp_path):
     assert (out / "ntk" / "alpha.spectrum.json").exists() and set(res["ntk"]) >= {"alpha", "beta"}
     assert (out / "report" / "report.html").exists() and (out / "report" / "interference.png").exists()
     saved = json.loads((out / "results.json").read_text())
-    assert saved["validation"]["summary"]["n_predictions"] == 2 * 4  # 2 merges + ntk-aware + TA at λ*
+    assert saved["validation"]["summary"]["n_predictions"] == 2 * 5  # 2 merges + 2 ntk-aware + TA at λ*
     stages = json.loads((out / "stages.json").read_text())
     # a second run reuses every stage; changing a stage's config recomputes it and what follows
     again = run_pipeline(cfg, out)
