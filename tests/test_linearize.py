@@ -134,7 +134,6 @@ def test_float64_finite_difference_second_order_equals_the_nested_jvp_on_a_float
     from taskvec.linearize import finite_difference_derivatives
 
     m, b = tiny(torch.float32), batch()
-    g = torch.Generator().manual_seed(7)
     dirs = {"a": delta(m, 0.3, seed=8), "b": {k: v for i, (k, v) in enumerate(delta(m, 0.5, seed=9).items()) if i < 2}}
     nested = directional_outputs(m, [b], {k: {n: t.float() for n, t in v.items()} for k, v in dirs.items()},
                                  second_order=True, second_order_method="jvp")
@@ -146,7 +145,6 @@ def test_float64_finite_difference_second_order_equals_the_nested_jvp_on_a_float
         assert float((fd[k].double() - exact.double()).abs().max()) <= 1e-4 * scale
         assert float((fd1[k].double() - j64.double()).abs().max()) <= 1e-5 * float(j64.abs().max())
         assert float((nested.hvps[k].double() - exact.double()).abs().max()) <= 1e-3 * scale
-    del g
     # the default method of directional_outputs is the finite-difference one
     default = directional_outputs(m, [b], {"a": {n: t.float() for n, t in dirs["a"].items()}}, second_order=True)
     assert torch.allclose(default.hvps["a"], fd["a"]) and torch.allclose(default.jvps["a"], fd1["a"])
