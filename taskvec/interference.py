@@ -5,8 +5,9 @@ For a fine-tuning run with task vectors τ_t (``RUN/vectors``) and per-task head
 * **predicts** every task's outputs under a merge θ0 + Δ from the linearised model
   f0 + J·Δ + ½·D²f[Δ, Δ], using Jacobian-vector products only. Task-arithmetic merges
   θ0 + Σ_t α_t τ_t are linear in the α's to first order, so after one (batched) JVP per task over all
-  τ_t every coefficient setting is predicted for free; the second-order term along Στ (one nested JVP)
-  scales with λ². Other methods (TIES, TSV, ...) cost one nested JVP per merge and task;
+  τ_t every coefficient setting is predicted for free; the second-order term along Στ (float64 central
+  differences: two forward passes, :func:`taskvec.linearize.finite_difference_derivatives`) scales with λ².
+  Other methods (TIES, TSV, ...) cost two float64 forward passes per merge and task;
 * attaches to every prediction its own **trust signal**, known before merging (:func:`trust_band`): the
   curvature ratio ‖½D²f‖/‖J·Δ‖ and the share of examples whose predicted decision could flip under the
   neglected higher-order terms ("uncertainty", in accuracy points); predictions above ``max_uncertainty``
@@ -313,7 +314,8 @@ def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 5
         n_kernel: training examples per task for the eNTK eigenspaces.
         rank: r of the top-r eigenspaces.
         lambdas: the global-λ grid of the grid-search baseline (task arithmetic).
-        second_order: add the nested-JVP second-order term along each merge direction.
+        second_order: add the second-order term ½·D²f[Δ, Δ] along each merge direction (float64 central
+            differences; see :func:`taskvec.linearize.directional_outputs`).
         max_uncertainty: the trust threshold, in accuracy points: a prediction is trusted when at most
             this share of its task's evaluation examples lies inside the uncertainty band of
             :func:`trust_band` (needs ``second_order``; first-order-only predictions are all untrusted).
@@ -461,7 +463,7 @@ def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 5
         del bases, Ks
     timings["eigen_total"] = time.time() - tick
 
-    # --- predictions: one batched JVP per task over all τ_t; one nested JVP along Σ τ and each other merge
+    # --- predictions: one batched JVP per task over all τ_t; central differences along Σ τ and each other merge
     tick = time.time()
     dir_specs = {f"tau:{t}": vectors[t].deltas for t in names}
     second_specs = {"sum": sum_tau}
