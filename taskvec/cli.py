@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-uncertainty", type=float, default=1.0,
                    help="trust threshold: a prediction is trusted when at most this many accuracy points of its "
                         "examples could flip under the neglected higher-order terms")
-    s.add_argument("--first-order", action="store_true", help="skip the second-order (nested JVP) term")
+    s.add_argument("--first-order", action="store_true", help="skip the second-order term (no trust signal: every prediction is flagged)")
     s.add_argument("--device", default=None)
     s.set_defaults(func=cmd_validate)
 
