@@ -48,7 +48,7 @@ from .linearize import (
     Directional,
     accuracy,
     directional_outputs,
-    fast_attention,
+    forward_outputs,
     relative_linearisation_error,
     vjp_params_many,
 )
@@ -145,15 +145,8 @@ class _Backbone:
             self.params[k].add_(d.to(self.params[k].device, self.params[k].dtype))
 
 
-@torch.no_grad()
 def _logits(model, batches, device) -> torch.Tensor:
-    model.eval()
-    out = []
-    with fast_attention(model):
-        for b in batches:
-            b = {k: v.to(device) for k, v in b.items()}
-            out.append(model(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float().cpu())
-    return torch.cat(out)
+    return forward_outputs(model, batches, device)[0].float()
 
 
 def _xi(f_single: list[torch.Tensor], f_joint: list[torch.Tensor]) -> float:
@@ -427,14 +420,7 @@ def validate_run(run_dir, merges: list[MergeSpec] | None = None, n_eval: int = 5
             # on the kernel inputs; moving by c·V_j changes the loss by ≈ −σ_j·g_j·c / n (first order)
             helps = {}
             for s in names:
-                f0k, yk = [], []
-                with torch.no_grad(), fast_attention(models[s]):
-                    models[s].eval()
-                    for b in kernel_batches[s]:
-                        b = {k: v.to(device) for k, v in b.items()}
-                        f0k.append(models[s](b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float().cpu())
-                        yk.append(b["labels"].cpu())
-                f0k, yk = torch.cat(f0k), torch.cat(yk)
+                f0k, yk = forward_outputs(models[s], kernel_batches[s], device)
                 r = (torch.nn.functional.one_hot(yk, f0k.shape[-1]).double() - f0k.double().softmax(-1)).reshape(-1)
                 helps[s] = spaces[s].U.T @ r  # (r,)
             proj, harm = {}, {}

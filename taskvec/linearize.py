@@ -211,6 +211,25 @@ def fast_attention(model: nn.Module):
 
 
 @torch.no_grad()
+def forward_outputs(model: nn.Module, batches, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(outputs (n, o), labels (n,))`` of plain forward passes over ``batches``, on the CPU, in the model's
+    dtype; eval mode and SDPA attention (:func:`fast_attention`) for the duration of the call."""
+    was = model.training
+    model.eval()
+    dev = device if device is not None else next(model.parameters()).device
+    outs, ys = [], []
+    try:
+        with fast_attention(model):
+            for b in batches:
+                b = {k: v.to(dev) for k, v in b.items()}
+                outs.append(model(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).cpu())
+                ys.append(b["labels"].cpu())
+    finally:
+        model.train(was)
+    return torch.cat(outs), torch.cat(ys)
+
+
+@torch.no_grad()
 def finite_difference_derivatives(model: nn.Module, batches, directions: dict[str, dict[str, torch.Tensor]],
                                   h: float = 1e-3, device=None) -> tuple[dict, dict]:
     """J·Δ_d and D²f[Δ_d, Δ_d] for every direction by central differences of float64 forward passes.
@@ -230,32 +249,20 @@ def finite_difference_derivatives(model: nn.Module, batches, directions: dict[st
     if device is not None:
         m64 = m64.to(device)
     named = dict(m64.named_parameters())
-    pre = _backbone_prefix(m64)
-    dev = next(m64.parameters()).device
-
-    def outputs():
-        out = []
-        for b in batches:
-            b = {k: v.to(dev) for k, v in b.items()}
-            out.append(m64(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).double().cpu())
-        return torch.cat(out)
-
     first, second = {}, {}
-    with fast_attention(m64):
-        f0 = outputs()
-        for d, delta in directions.items():
-            names, _, _ = _primals_and_tangents(model, delta)
-            orig = {n: named[n].detach().clone() for n in names}
-            steps = {n: delta[n[len(pre):] if n[len(pre):] in delta else n].to(dev, torch.float64) for n in names}
-            fs = []
-            for sign in (1.0, -1.0):
-                for n in names:
-                    named[n].copy_(orig[n] + sign * h * steps[n])
-                fs.append(outputs())
-            for n in names:
-                named[n].copy_(orig[n])
-            first[d] = ((fs[0] - fs[1]) / (2 * h)).float()
-            second[d] = ((fs[0] - 2 * f0 + fs[1]) / (h * h)).float()
+    f0 = forward_outputs(m64, batches)[0]
+    for d, delta in directions.items():
+        names, _, tangents = _primals_and_tangents(m64, delta)
+        orig = [named[n].detach().clone() for n in names]
+        fs = []
+        for sign in (1.0, -1.0):
+            for n, o, t in zip(names, orig, tangents):
+                named[n].copy_(o + sign * h * t)
+            fs.append(forward_outputs(m64, batches)[0])
+        for n, o in zip(names, orig):
+            named[n].copy_(o)
+        first[d] = ((fs[0] - fs[1]) / (2 * h)).float()
+        second[d] = ((fs[0] - 2 * f0 + fs[1]) / (h * h)).float()
     return first, second
 
 
@@ -274,16 +281,19 @@ def directional_outputs(model: nn.Module, batches, directions: dict[str, dict[st
         raise TaskvecError(f"second_order_method must be 'fd' or 'jvp', got {second_order_method!r}")
     use_fd = second_order and second_order_method == "fd"
     nested = second_order and not use_fd
+    if use_fd or not directions:
+        f0, labels = forward_outputs(model, batches, device)
+        jvps, hvps = (finite_difference_derivatives(model, batches, directions, h=fd_step, device=device)
+                      if use_fd else ({}, {}))
+        return Directional(f0.float(), labels, jvps, hvps)
     f0s, ys = [], []
     jv: dict[str, list] = {d: [] for d in directions}
     hv: dict[str, list] = {d: [] for d in directions} if nested else {}
     for b in batches:
         if device is not None:
             b = {k: v.to(device) for k, v in b.items()}
-        f0 = None
-        if use_fd:
-            pass
-        elif nested or not batched or len(directions) < 2:
+        if nested or not batched or len(directions) < 2:
+            f0 = None
             for d, delta in directions.items():
                 f, j, hdd = jvp_batch(model, b, delta, nested)
                 f0 = f if f0 is None else f0
@@ -294,16 +304,9 @@ def directional_outputs(model: nn.Module, batches, directions: dict[str, dict[st
             f0, js = jvp_many(model, b, list(directions.values()))
             for d, j in zip(directions, js):
                 jv[d].append(j.cpu())
-        if f0 is None:
-            with torch.no_grad(), fast_attention(model):
-                model.eval()
-                f0 = model(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float()
         f0s.append(f0.cpu())
         ys.append(b["labels"].cpu())
-    if use_fd:
-        jvps, hvps = finite_difference_derivatives(model, batches, directions, h=fd_step, device=device)
-    else:
-        jvps, hvps = {d: torch.cat(v) for d, v in jv.items()}, {d: torch.cat(v) for d, v in hv.items()}
+    jvps, hvps = {d: torch.cat(v) for d, v in jv.items()}, {d: torch.cat(v) for d, v in hv.items()}
     return Directional(torch.cat(f0s), torch.cat(ys), jvps, hvps)
 
 
