@@ -200,6 +200,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=1, help="alternating ours/tutorial timings (medians reported)")
     ap.add_argument("--floor-batch", type=int, default=None)
     ap.add_argument("--max-memory", default=None, help="exact-mode Jacobian budget, e.g. 12GB")
+    ap.add_argument("--schedule", default="auto", choices=["auto", "activations", "jacobian"],
+                    help="exact-mode store between gradient passes and the Gram (see taskvec.ntk.empirical_ntk)")
     ap.add_argument("--no-tutorial", action="store_true")
     ap.add_argument("--n-large", type=int, default=0, help="also time exact at this n (ours only)")
     ap.add_argument("--sketch", type=int, default=0, help="also time sketched features for this many examples")
@@ -244,7 +246,8 @@ def main(argv=None):
         t_ours_all, t_tut_all = [], []
         for rep in range(a.repeats):
             r_ours, t_ours, m_ours = timed(lambda: empirical_ntk(model, x, kernel="trace", groups=False,
-                                                                 chunk_size=a.chunk, max_memory=a.max_memory),
+                                                                 chunk_size=a.chunk, max_memory=a.max_memory,
+                                                                 schedule=a.schedule),
                                              dev, "ours")
             K = r_ours.kernel
             t_ours_all.append(t_ours)
@@ -296,7 +299,7 @@ def main(argv=None):
             xl = make_inputs(a.n_large, a.seq_len, model.config.vocab_size, dev, seed=1)
             _, tf_l, _ = timed(lambda: floor_pass(model, xl, sels, fb), dev)
             rl, tl, ml = timed(lambda: empirical_ntk(model, xl, kernel="trace", groups=False, chunk_size=chunk,
-                                                     max_memory=a.max_memory), dev)
+                                                     max_memory=a.max_memory, schedule=a.schedule), dev)
             fl = flops_floor * a.n_large / a.n + 2.0 * a.n_large**2 * p
             res.update({"n_large": a.n_large, "large_s": tl, "large_floor_s": tf_l, "large_peak_bytes": ml,
                         "large_info": rl.info, "large_flop_rate": fl / tl})

@@ -413,9 +413,12 @@ class _Jacobian:
         jac = torch.func.vmap(torch.func.jacrev(self._single), in_dims=(None, 0))(self.params, sub)
         return {n: jac["m." + n] for n in self.names}
 
-    def _batched_chunk(self, sub, check: bool) -> dict[str, torch.Tensor] | None:
-        """param name -> (b, o, *shape) from one batched forward + one backward per output (see class
-        docstring); None when the layers are not used as plain per-example linear maps."""
+    def _capture(self, sub, check: bool) -> dict | None:
+        """One batched forward and one backward per output to the selected layers' outputs (no weight
+        gradients): ``{"b", "o", "x": {module: [input (b, ..., d_in)] per call}, "g": [{(module, call): output
+        gradient (b, ..., d_out)} per output]}``; ``check`` also verifies that the per-example gradients of
+        output 0 sum to autograd's batch gradient. None when the layers are not used as plain per-example
+        linear maps (see class docstring)."""
         b = sub["input_ids"].shape[0]
         layers = self._layers
         mods = {mname: (mod, kind) for mname, mod, _, kind in layers.values()}
@@ -450,7 +453,8 @@ class _Jacobian:
             keys = [(m, k) for m in mods for k in range(len(seen[m]))]
             outs = [seen[m][k][1] for m, k in keys]
             o = f.shape[1]
-            per: dict[str, list] = {n: [] for n in self.names}
+            cap = {"b": b, "o": o, "x": {m: [x for x, _ in v] for m, v in seen.items()},
+                   "shape": {m: [y.shape[-1] for _, y in v] for m, v in seen.items()}, "g": []}
             batch_grad = None
             for a in range(o):
                 wrt = outs + (ps if check and a == 0 else [])
@@ -459,43 +463,90 @@ class _Jacobian:
                 gs = torch.autograd.grad(fa, wrt, retain_graph=a < o - 1, allow_unused=True)
                 if check and a == 0:
                     batch_grad = dict(zip(self.names, gs[len(outs):]))
-                gout = dict(zip(keys, gs[: len(outs)]))
-                for n, (mname, mod, attr, kind) in layers.items():
-                    g_tot = None
-                    for k in range(len(seen[mname])):
-                        x, y = seen[mname][k]
-                        g = gout[(mname, k)]
-                        if g is None:
-                            continue
-                        g = g.reshape(b, -1, y.shape[-1])
-                        if attr == "bias":
-                            t = g.sum(1)
-                        elif kind == "linear":
-                            t = torch.bmm(g.transpose(1, 2), x.reshape(b, -1, x.shape[-1]))
-                        else:
-                            t = torch.bmm(x.reshape(b, -1, x.shape[-1]).transpose(1, 2), g)
-                        g_tot = t if g_tot is None else g_tot + t
-                    if g_tot is None:
-                        g_tot = torch.zeros((b,) + tuple(named[n].shape), dtype=self.dtype, device=self.device)
-                    per[n].append(g_tot)
-            res = {n: torch.stack(v, 1) for n, v in per.items()}
+                cap["g"].append(dict(zip(keys, gs[: len(outs)])))
+            del outs, seen, f, logits
             if check:
                 tol = 1e-9 if self.dtype == torch.float64 else 1e-3
                 for n in self.names:
                     ref = batch_grad[n]
                     ref = torch.zeros_like(named[n]) if ref is None else ref
-                    got = res[n][:, 0].sum(0)
+                    got = self._form_param(cap, n, outputs=[0])[:, 0].sum(0)
+                    if not (bool(torch.isfinite(got).all()) and bool(torch.isfinite(ref).all())):
+                        continue  # a non-finite gradient is the data's fault: reported with its example later
                     err = float((got - ref).norm()) / max(float(ref.norm()), 1e-30)
                     if not err <= tol:
                         self.fallback_reason = (f"per-example gradients of {n} do not sum to the batch gradient "
                                                 f"(relative difference {err:.1e})")
                         return None
-            return res
+            return cap
         finally:
             for h in handles:
                 h.remove()
             for p, r in zip(ps, req):
                 p.requires_grad_(r)
+
+    def _form_param(self, cap: dict, n: str, outputs=None) -> torch.Tensor:
+        """Per-example gradients ``(b, o, *shape)`` of parameter ``n`` from a capture: ``Σ_t g_{i,t} x_{i,t}ᵀ``
+        (a batched matmul per layer call) for weights, ``Σ_t g_{i,t}`` for biases."""
+        mname, _, attr, kind = self._layers[n]
+        b = cap["b"]
+        per = []
+        for a in range(cap["o"]) if outputs is None else outputs:
+            tot = None
+            for k, x in enumerate(cap["x"][mname]):
+                g = cap["g"][a][(mname, k)]
+                if g is None:
+                    continue
+                g = g.reshape(b, -1, cap["shape"][mname][k])
+                if attr == "bias":
+                    t = g.sum(1)
+                elif kind == "linear":
+                    t = torch.bmm(g.transpose(1, 2), x.reshape(b, -1, x.shape[-1]))
+                else:
+                    t = torch.bmm(x.reshape(b, -1, x.shape[-1]).transpose(1, 2), g)
+                tot = t if tot is None else tot + t
+            if tot is None:
+                tot = torch.zeros((b,) + tuple(self._layers[n][1].get_parameter(attr).shape), dtype=self.dtype,
+                                  device=self.device)
+            per.append(tot)
+        return torch.stack(per, 1)
+
+    def form_group(self, cap: dict, g: str) -> torch.Tensor:
+        """Jacobian rows ``(b, o, p_g)`` of parameter group ``g`` from a capture (see :meth:`_capture`)."""
+        parts = [_take(s, self._form_param(cap, s.name), 2) for s in self.sels if s.group == g]
+        return (torch.cat(parts, -1) if len(parts) > 1 else parts[0]).contiguous()
+
+    @staticmethod
+    def capture_bytes(cap: dict) -> int:
+        """Bytes a capture holds (layer inputs shared by several layers, e.g. Q/K/V, counted once)."""
+        seen, tot = set(), 0
+        ts = [x for v in cap["x"].values() for x in v] + [t for d in cap["g"] for t in d.values() if t is not None]
+        for t in ts:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            if key not in seen:
+                seen.add(key)
+                tot += t.numel() * t.element_size()
+        return tot
+
+    def capture_chunk(self, batch: dict, idx: torch.Tensor) -> dict | None:
+        """:meth:`_capture` of the examples ``idx`` (common padding trimmed); None, and the engine switched to
+        ``"vmap"``, when the batched engine does not apply."""
+        if self.engine != "batched":
+            return None
+        sub = _slice(batch, idx)
+        sub["mask4d"] = additive_mask(sub["attention_mask"], self.wrapped.decoder, self.dtype)
+        cap = self._capture(sub, check=not self._checked)
+        self._checked = True
+        if cap is None:
+            self.engine = "vmap"
+            self.fallback_reason = self.fallback_reason or "a selected layer is not applied per example"
+        return cap
+
+    def _batched_chunk(self, sub, check: bool) -> dict[str, torch.Tensor] | None:
+        """param name -> (b, o, *shape) from one batched forward + one backward per output (see class
+        docstring); None when the layers are not used as plain per-example linear maps."""
+        cap = self._capture(sub, check)
+        return None if cap is None else {n: self._form_param(cap, n) for n in self.names}
 
     def chunk(self, batch: dict, idx: torch.Tensor, offset_name: str = "inputs") -> dict[str, torch.Tensor]:
         """Jacobians of the examples ``idx`` (after trimming common padding): group -> ``(b, o, p_g)``."""
@@ -845,7 +896,8 @@ def _sym_tile(device) -> int:
     return 512 if torch.device(device).type == "cuda" else 128
 
 
-def _exact(jf1: _Jacobian, jf2: _Jacobian, b1, b2, symmetric, kind, want_groups, budget, o1, o2, dist=None):
+def _exact(jf1: _Jacobian, jf2: _Jacobian, b1, b2, symmetric, kind, want_groups, budget, o1, o2, dist=None,
+           schedule: str = "auto"):
     n1 = b1["input_ids"].shape[0]
     n2 = n1 if symmetric else b2["input_ids"].shape[0]
     acc = _Accumulator(jf1.groups, kind, n1, n2, o1, o2, want_groups, tile=_sym_tile(jf1.device))
@@ -865,6 +917,18 @@ def _exact(jf1: _Jacobian, jf2: _Jacobian, b1, b2, symmetric, kind, want_groups,
     work = work_for(chunk)
     rows = int((budget - work) // per_ex1)
     full_bytes = (n1 if symmetric else n1 + n2) * per_ex1
+    if schedule == "activations" and not (jf1.engine == jf2.engine == "batched"):
+        raise NTKError("schedule='activations' needs the batched engine (every selected tensor a weight or bias "
+                       f"of a linear layer used once); here: {jf1.fallback_reason or 'not applicable'}")
+    if schedule != "jacobian" and jf1.engine == "batched" and jf2.engine == "batched":
+        # stored activations are smaller than Jacobian rows for short sequences: one pass, no recomputation
+        res = _exact_activations(jf1, jf2, b1, b2, symmetric, kind, want_groups, budget, o1, o2, full_bytes,
+                                 force=schedule == "activations")
+        if res is not None:
+            return res
+        if schedule == "activations":  # the first chunk showed the engine does not apply
+            raise NTKError("schedule='activations' needs the batched engine; here: "
+                           f"{jf1.fallback_reason or 'not applicable'}")
     if rows < chunk:
         raise NTKError(
             f"exact kernel does not fit: the whole Jacobian needs {_fmt_bytes(full_bytes)} "
@@ -903,8 +967,146 @@ def _exact(jf1: _Jacobian, jf2: _Jacobian, b1, b2, symmetric, kind, want_groups,
                 passes += len(pos)
                 acc.add(R, J, ia, pos.cpu(), mirror=False)
         del R
-    return acc, {"gradient_passes": passes, "row_block": rows, "memory_budget": budget,
+    return acc, {"schedule": "jacobian", "gradient_passes": passes, "row_block": rows, "memory_budget": budget,
                  "full_jacobian_bytes": full_bytes, "engine": jf1.engine}
+
+
+def _tokens(batch: dict, idx: torch.Tensor) -> int:
+    """Examples × trimmed length of one chunk (what a capture of it stores per token)."""
+    m = batch["attention_mask"][idx.to(batch["attention_mask"].device)]
+    used = m.bool().any(0).nonzero()
+    return len(idx) * (int(used.max()) + 1 if used.numel() else 1)
+
+
+def _exact_activations(jf1: _Jacobian, jf2: _Jacobian, b1, b2, symmetric, kind, want_groups, budget, o1, o2,
+                       full_bytes: int, force: bool = False):
+    """Exact kernel from stored layer activations, group by group — or None when it does not fit ``budget``.
+
+    One batched forward + backward per chunk (every example's gradient pass exactly once) keeps, per
+    selected layer, its inputs ``x (b, L, d_in)`` and the output gradients ``g (b, o, L, d_out)``: per token
+    ``d_in`` (once per distinct input: Q, K and V share theirs) ``+ o·Σ d_out`` numbers instead of the
+    Jacobian's ``o·Σ d_in·d_out`` per example (``schedule="auto"`` takes this path when that is smaller and
+    fits; ``force`` takes it whenever it fits and raises otherwise). Then for each parameter group its Jacobian rows are formed
+    from them (``Σ_t g xᵀ``, a batched matmul costing about ``L`` Gram entries per example) for a block of
+    rows at a time and multiplied into a float64 device kernel (triangle tiles on diagonal blocks). The
+    group Grams add up to the kernel in the order of the capture; it is put back in the input order once.
+    """
+    dev = jf1.device
+    itemsize = torch.finfo(jf1.dtype).bits // 8
+    idx1 = torch.arange(b1["input_ids"].shape[0], device=b1["input_ids"].device)
+    idx2 = None if symmetric else torch.arange(b2["input_ids"].shape[0], device=b2["input_ids"].device)
+    plans = [(jf1, b1, idx1, jf1.plan(b1, idx1))] + ([] if symmetric else [(jf2, b2, idx2, jf2.plan(b2, idx2))])
+    first = jf1.capture_chunk(b1, idx1[plans[0][3][0].to(idx1.device)])
+    if first is None:
+        return None
+    per_token = jf1.capture_bytes(first) / _tokens(b1, idx1[plans[0][3][0].to(idx1.device)])
+    tokens = sum(_tokens(b, idx[pos.to(idx.device)]) for _, b, idx, plan in plans for pos in plan)
+    cap_bytes = per_token * tokens * max(o1, o2) / o1
+    n1 = len(idx1)
+    n2 = n1 if symmetric else len(idx2)
+    kern = math.prod(_kernel_shape(kind, n1, n2, o1, o2)) * 8 * (2 if want_groups else 1)
+    per_row = max(o1, o2) * max(jf1.group_sizes.values()) * itemsize
+    free = budget - cap_bytes - kern
+    if free < 2 * jf1.chunk_size * per_row:
+        if force:
+            raise NTKError(f"schedule='activations' does not fit: the stored activations need "
+                           f"{_fmt_bytes(cap_bytes)}, the kernel {_fmt_bytes(kern)}, and two row blocks of "
+                           f"{jf1.chunk_size} examples {_fmt_bytes(2 * jf1.chunk_size * per_row)} > budget "
+                           f"{_fmt_bytes(budget)}. Use schedule='jacobian' (row blocks, recomputed), a larger "
+                           "max_memory, or mode='sketch'.")
+        return None
+    if cap_bytes >= full_bytes and not force:
+        return None
+    R = n1 if symmetric and free >= n1 * per_row else max(jf1.chunk_size, int(free // (2 * per_row)))
+
+    caps = []  # per side: [(positions in the input (CPU), capture)] in plan order
+    for side, (jf, b, idx, plan) in enumerate(plans):
+        got = []
+        for c, pos in enumerate(plan):
+            rows = idx[pos.to(idx.device)]
+            cap = first if side == 0 and c == 0 else jf.capture_chunk(b, rows)
+            if cap is None:  # cannot happen after the first chunk's check, but never trust it silently
+                return None
+            got.append((rows.cpu(), cap))
+        caps.append(got)
+    first = None
+    if symmetric:
+        caps.append(caps[0])
+
+    def blocks(got, R):
+        out, cur, start = [], [], 0
+        for rows, cap in got:
+            if cur and sum(len(r) for r, _ in cur) + len(rows) > R:
+                out.append((start, cur))
+                start += sum(len(r) for r, _ in cur)
+                cur = []
+            cur.append((rows, cap))
+        if cur:
+            out.append((start, cur))
+        return out
+
+    def form(jf, blk, g, name):
+        J = torch.cat([jf.form_group(cap, g) for _, cap in blk], 0)
+        bad = ~torch.isfinite(J).reshape(J.shape[0], -1).all(1)
+        if bool(bad.any()):
+            i = int(torch.cat([r for r, _ in blk])[int(bad.nonzero()[0])])
+            raise NTKError(f"non-finite gradient for example {i} of {name} (parameter group {g}); "
+                           "check that example's tokens/labels and the model's dtype")
+        return J
+
+    B1, B2 = blocks(caps[0], R), blocks(caps[1], R)
+    shape = _kernel_shape(kind, n1, n2, o1, o2)
+    Kd = torch.zeros(shape, dtype=torch.float64, device=dev)
+    Gd = torch.zeros_like(Kd) if want_groups else None
+    perm1 = torch.cat([r for r, _ in caps[0]])
+    perm2 = torch.cat([r for r, _ in caps[1]])
+
+    def unpermute(t):
+        out = torch.empty(shape, dtype=torch.float64)
+        out[perm1[:, None], perm2[None, :]] = t.cpu()
+        return out
+
+    T = _sym_tile(dev)
+    groups_out = {}
+    for g in jf1.groups:
+        tgt = Gd.zero_() if want_groups else Kd
+        for bi, (a0, blk) in enumerate(B1):
+            JA = form(jf1, blk, g, "inputs1")
+            a1 = a0 + JA.shape[0]
+            if symmetric:
+                m = JA.shape[0]
+                for i in range(0, m, T):
+                    for j in range(i, m, T):
+                        si, sj = slice(a0 + i, a0 + min(m, i + T)), slice(a0 + j, a0 + min(m, j + T))
+                        t = _gram_tile(JA[i:i + T], JA[j:j + T], kind)
+                        if i == j:
+                            tgt[si, si] += 0.5 * (t + _transpose_tile(t, kind))
+                        else:
+                            tgt[si, sj] += t
+                            tgt[sj, si] += _transpose_tile(t, kind)
+                later = B1[bi + 1:]
+            else:
+                later = B2
+            for b0, blk2 in later:
+                JB = form(jf1 if symmetric else jf2, blk2, g, "inputs1" if symmetric else "inputs2")
+                b1_ = b0 + JB.shape[0]
+                if symmetric:
+                    t = _gram_tile(JA, JB, kind)
+                    tgt[a0:a1, b0:b1_] += t
+                    tgt[b0:b1_, a0:a1] += _transpose_tile(t, kind)
+                else:
+                    _gram_into(tgt[a0:a1, b0:b1_], JA, JB, kind)
+                del JB
+            del JA
+        if want_groups:
+            Kd += Gd
+            groups_out[g] = unpermute(Gd)
+    passes = n1 + (0 if symmetric else n2)
+    acc = _Accumulator([], kind, 0, 0, o1, o2, False)
+    acc.kernel, acc.groups = unpermute(Kd), groups_out
+    return acc, {"schedule": "activations", "gradient_passes": passes, "activation_bytes": int(cap_bytes),
+                 "row_block": min(R, n1), "memory_budget": budget, "full_jacobian_bytes": full_bytes,
+                 "engine": jf1.engine}
 
 
 def _computes(rank: int, s: int, k: int, world: int) -> str | None:
@@ -1331,7 +1533,7 @@ def empirical_ntk(model: nn.Module, inputs1, inputs2=None, params="qkv", output:
                   groups: bool = True, chunk_size: int | None = None, max_memory=None,
                   sketch_dim: int = 8192, seed: int = 0, projection: str = "rademacher",
                   block_rows: int | None = None, distributed: bool | None = None,
-                  process_group=None) -> NTKResult:
+                  process_group=None, schedule: str = "auto") -> NTKResult:
     """Empirical NTK ``K = J1 J2ᵀ`` of a model's outputs with respect to a parameter selection.
 
     Args:
@@ -1364,11 +1566,20 @@ def empirical_ntk(model: nn.Module, inputs1, inputs2=None, params="qkv", output:
             inputs and model (on its own device: ``cuda:LOCAL_RANK`` with NCCL) and returns the same kernel.
             ``mode="reference"`` is not distributed.
         process_group: the group to use (default: the default group).
+        schedule: how exact mode stores its work (single process): ``"activations"`` keeps each selected
+            layer's inputs and output gradients (per token ``d_in + o·d_out`` numbers) from one gradient pass
+            per example and forms each parameter group's Jacobian rows from them when it multiplies that
+            group; ``"jacobian"`` keeps Jacobian rows (``o·p`` numbers per example) and recomputes the ones
+            that do not fit ``max_memory``; ``"auto"`` (default) takes ``"activations"`` when it needs fewer
+            bytes than the whole Jacobian and fits the budget (the batched engine only). ``info["schedule"]``
+            says which ran.
 
     Returns:
         :class:`NTKResult` with ``.kernel`` (float64, CPU) and ``.groups``.
     """
     t0 = time.perf_counter()
+    if schedule not in ("auto", "activations", "jacobian"):
+        raise NTKError(f"unknown schedule {schedule!r}; valid: auto, activations, jacobian")
     if mode not in MODES:
         raise NTKError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
     if kernel not in KERNELS:
@@ -1404,7 +1615,8 @@ def empirical_ntk(model: nn.Module, inputs1, inputs2=None, params="qkv", output:
             K, G = _reference(model, model2, sels1, b1, b2, kernel, groups, output, o1, o2)
         elif mode == "exact":
             budget = parse_bytes(max_memory) if max_memory is not None else default_memory_budget(dev)
-            acc, info = _exact(jf1, jf2, b1, b2, symmetric, kernel, groups, budget, o1, o2, dist=d)
+            acc, info = _exact(jf1, jf2, b1, b2, symmetric, kernel, groups, budget, o1, o2, dist=d,
+                               schedule=schedule)
             K, G = acc.kernel, acc.groups
         else:
             proj = Projector(sels1, sketch_dim, seed, projection, block_rows)

@@ -171,7 +171,7 @@ def test_row_blocks_with_recomputation_match(bert):
     one = empirical_ntk(bert, x, kernel="full", chunk_size=2)
     p = one.p
     budget = 2 * 3 * p * 8 + 2 * 3 * p * 8 + 2 * 2 * 3 * 3 * 1024 * 8 + 3 * 3 * p * 8  # ~3 stored rows
-    blk = empirical_ntk(bert, x, kernel="full", chunk_size=2, max_memory=budget)
+    blk = empirical_ntk(bert, x, kernel="full", chunk_size=2, max_memory=budget, schedule="jacobian")
     assert blk.info["row_block"] < 7 and blk.info["gradient_passes"] > 7
     assert rel(blk.kernel, one.kernel) <= 1e-12
     for g in one.groups:
@@ -390,6 +390,94 @@ def test_symmetric_triangle_tiles(monkeypatch):
         assert rel(tiled.groups[g], one.groups[g]) <= 1e-13
     M = tiled.matrix()
     assert torch.equal(M, M.T)
+
+
+# --- schedules: stored activations (one pass, group by group) vs stored Jacobian rows ----------------------------
+
+
+def _model(case):
+    if case == "lora":
+        return _gpt2_lora()
+    return (_bert() if case == "bert" else _decoder(case)), "qkv"
+
+
+@pytest.mark.parametrize("case", ["bert", "gpt2", "llama", "lora"])
+@pytest.mark.parametrize("kind", ["full", "trace", "diagonal"])
+def test_activation_schedule_equals_jacobian_schedule(case, kind):
+    """Both exact schedules give the same kernel and group kernels (symmetric and cross, fused GPT-2 QKV sliced,
+    GQA, LoRA factors), and the Jacobian schedule equals the NTK-vector-product reference."""
+    m, scope = _model(case)
+    x, y = _inputs(n=6, token_types=case == "bert"), _inputs(n=4, seed=5, token_types=case == "bert")
+    act = empirical_ntk(m, x, params=scope, kernel=kind, schedule="activations")
+    jac = empirical_ntk(m, x, params=scope, kernel=kind, schedule="jacobian")
+    assert act.info["schedule"] == "activations" and jac.info["schedule"] == "jacobian"
+    assert act.info["gradient_passes"] == 6
+    assert rel(act.kernel, jac.kernel) <= 1e-12
+    assert set(act.groups) == set(jac.groups)
+    for g in jac.groups:
+        assert rel(act.groups[g], jac.groups[g]) <= 1e-12, g
+    M = act.matrix()
+    assert torch.equal(M, M.T)
+    cross_a = empirical_ntk(m, x, y, params=scope, kernel=kind, schedule="activations")
+    cross_j = empirical_ntk(m, x, y, params=scope, kernel=kind, schedule="jacobian")
+    assert cross_a.info["gradient_passes"] == 10
+    assert rel(cross_a.kernel, cross_j.kernel) <= 1e-12
+    if kind == "full" and case in ("bert", "gpt2"):
+        ref = empirical_ntk(m, x, y, params=scope, kernel=kind, mode="reference", groups=False)
+        assert rel(cross_j.kernel, ref.kernel) <= 1e-6
+
+
+def test_activation_schedule_row_blocks_and_auto_choice():
+    """A budget below the whole Jacobian: ``auto`` keeps activations (one pass, no recomputation) and splits
+    the group Grams into row blocks; the result equals the unconstrained kernel."""
+    m = _bert()
+    x = _inputs(n=9, L=5)
+    one = empirical_ntk(m, x, kernel="full", chunk_size=2, schedule="jacobian")
+    full_bytes = one.info["full_jacobian_bytes"]
+    auto = empirical_ntk(m, x, kernel="full", chunk_size=2)
+    assert auto.info["schedule"] == "activations"  # short sequences: activations are the smaller store
+    assert auto.info["activation_bytes"] < full_bytes
+    # room for the activations, the kernels and two row blocks of 2-3 examples, not for 9 rows
+    per_row = 3 * max(one.group_sizes.values()) * 8
+    kern = 9 * 9 * 3 * 3 * 8 * 2
+    budget = auto.info["activation_bytes"] + kern + 5 * per_row
+    blk = empirical_ntk(m, x, kernel="full", chunk_size=2, max_memory=budget)
+    assert blk.info["schedule"] == "activations" and blk.info["row_block"] < 9
+    assert blk.info["gradient_passes"] == 9
+    assert rel(blk.kernel, one.kernel) <= 1e-12
+    for g in one.groups:
+        assert rel(blk.groups[g], one.groups[g]) <= 1e-12, g
+    y = _inputs(n=5, seed=3)
+    ref = empirical_ntk(m, x, y, kernel="trace", chunk_size=2, schedule="jacobian")
+    free = empirical_ntk(m, x, y, kernel="trace", chunk_size=2)
+    budget = free.info["activation_bytes"] + 9 * 5 * 8 * 2 + 5 * per_row
+    cross = empirical_ntk(m, x, y, kernel="trace", chunk_size=2, max_memory=budget)
+    assert cross.info["schedule"] == "activations" and cross.info["row_block"] < 9
+    assert rel(cross.kernel, ref.kernel) <= 1e-12
+    # too small even for the activations: auto falls back to Jacobian row blocks, a forced schedule says why
+    tiny = auto.info["activation_bytes"] // 2
+    with pytest.raises(NTKError, match="schedule='activations' does not fit"):
+        empirical_ntk(m, x, kernel="full", chunk_size=2, max_memory=tiny, schedule="activations")
+    with pytest.raises(NTKError, match="unknown schedule"):
+        empirical_ntk(m, x, schedule="fast")
+
+
+def test_activation_schedule_needs_the_batched_engine():
+    m = _bert()
+    q = m.backbone.encoder.layer[0].attention.self.query
+    q.forward = lambda inp: torch.nn.functional.linear(inp, 2 * q.weight, q.bias)
+    with pytest.raises(NTKError, match="needs the batched engine"):
+        empirical_ntk(m, _inputs(n=4), schedule="activations")
+    assert empirical_ntk(m, _inputs(n=4)).info["schedule"] == "jacobian"
+
+
+def test_activation_schedule_names_a_non_finite_example():
+    m = _bert()
+    x = _inputs(n=5)
+    with torch.no_grad():
+        m.backbone.embeddings.word_embeddings.weight[x["input_ids"][3, 0]] = float("nan")
+    with pytest.raises(NTKError, match="example 3 of inputs1"):
+        empirical_ntk(m, x, schedule="activations")
 
 
 # --- distributed (torch.distributed, gloo on the CPU) ----------------------------------------------------------
