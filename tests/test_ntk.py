@@ -290,10 +290,15 @@ def test_cuda_exact_matches_cpu_float64():
     assert got.kernel.dtype == torch.float64 and got.kernel.device.type == "cpu"
     assert rel(got.kernel, ref) <= 1e-5
     # budget = one chunk's gradients and their copy (2·2·o·p·4 B) + 3 stored rows (3·o·p·4 B): row blocks of 3
-    blk = empirical_ntk(m32, x, kernel="full", chunk_size=2, max_memory=(12 + 9) * got.p * 4 + 1)
+    blk = empirical_ntk(m32, x, kernel="full", chunk_size=2, max_memory=(12 + 9) * got.p * 4 + 1,
+                        schedule="jacobian")
     assert blk.info["row_block"] == 3 and blk.info["gradient_passes"] > 6
     # fp32 gradients: another chunk size runs other CUDA kernels (round-off ~1e-8), so not bitwise
     assert rel(blk.kernel, got.kernel) <= 1e-6
+    for sched in ("activations", "jacobian"):
+        other = empirical_ntk(m32, x, kernel="full", schedule=sched)
+        assert other.info["schedule"] == sched and rel(other.kernel, ref) <= 1e-5
+        assert rel(sum(other.groups.values()), other.kernel) <= 1e-12
     sk = empirical_ntk(m32, x, mode="sketch", sketch_dim=4096, kernel="trace")
     assert rel(sk.kernel, convert(ref)) <= 0.2
 
