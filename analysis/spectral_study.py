@@ -631,7 +631,7 @@ def main(argv=None) -> int:
         write_json(out / "study.json", res)
         cmd = ("PYTHONUNBUFFERED=1 python analysis/spectral_study.py "
                f"--config {Path(a.config).resolve().relative_to(ROOT) if Path(a.config).resolve().is_relative_to(ROOT) else a.config} "
-               f"--out {a.out}")
+               f"--out {a.out}" + (f" --results {a.results}" if a.results else ""))
         text = report(res, cmd)
         print(text)
         dest = Path(a.results) if a.results else ROOT / "analysis" / "results" / "spectral_study_cpu.md"
