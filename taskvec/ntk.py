@@ -28,9 +28,13 @@ Modes (``mode=``), all tested to agree (``tests/test_ntk.py``):
     and output gradients; checked on the first chunk against autograd), else from ``torch.func`` (``vmap``
     of ``jacrev`` of ``functional_call``). The Gram is accumulated in float64 tile by tile: float32 rows are
     multiplied in float32 over column blocks of at most ``2^18`` entries, each block's product added in
-    float64; float64 rows in float64. When the Jacobian of all examples does not fit in ``max_memory`` the
-    rows are processed in blocks and the column chunks recomputed, so memory stays bounded (time grows by
-    about ``n / (2·block)`` extra gradient passes).
+    float64; float64 rows in float64. What is kept between the gradient passes and the Gram
+    (``schedule=``): with the batched engine, by default, each selected layer's inputs and output gradients
+    (``"activations"``: per token ``d_in + o·d_out`` numbers instead of ``o·d_in·d_out`` per example), from
+    which each parameter group's rows are formed when that group is multiplied; otherwise the Jacobian rows
+    (``"jacobian"``), and when those do not fit in ``max_memory`` they are processed in row blocks and the
+    column chunks recomputed, so memory stays bounded (time grows by about ``n / (2·block)`` extra gradient
+    passes).
 ``"sketch"``
     the same per-example Jacobians projected on the fly, ``φ(x) = J(x) S / √k`` with ``S`` a ``p × k``
     Rademacher (default) or Gaussian matrix generated block by block from a seed derived from
