@@ -65,6 +65,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable, Iterable
 
 import torch
@@ -468,7 +469,8 @@ class _Jacobian:
                 if check and a == 0:
                     batch_grad = dict(zip(self.names, gs[len(outs):]))
                 cap["g"].append(dict(zip(keys, gs[: len(outs)])))
-            del outs, seen, f, logits
+            seen.clear()  # the layer outputs (and with them the graph) are no longer needed
+            del outs, f, logits
             if check:
                 tol = 1e-9 if self.dtype == torch.float64 else 1e-3
                 for n in self.names:
@@ -571,11 +573,7 @@ class _Jacobian:
         del jac
         res = {g: (torch.cat(v, -1) if len(v) > 1 else v[0]).contiguous() for g, v in out.items()}
         for g, t in res.items():
-            bad = ~torch.isfinite(t).reshape(t.shape[0], -1).all(1)
-            if bool(bad.any()):
-                i = int(idx[int(bad.nonzero()[0])])
-                raise NTKError(f"non-finite gradient for example {i} of {offset_name} (parameter group {g}); "
-                               "check that example's tokens/labels and the model's dtype")
+            _check_finite(t, idx, offset_name, g)
         return res
 
     def plan(self, batch: dict, idx: torch.Tensor) -> list[torch.Tensor]:
@@ -921,18 +919,15 @@ def _exact(jf1: _Jacobian, jf2: _Jacobian, b1, b2, symmetric, kind, want_groups,
     work = work_for(chunk)
     rows = int((budget - work) // per_ex1)
     full_bytes = (n1 if symmetric else n1 + n2) * per_ex1
-    if schedule == "activations" and not (jf1.engine == jf2.engine == "batched"):
-        raise NTKError("schedule='activations' needs the batched engine (every selected tensor a weight or bias "
-                       f"of a linear layer used once); here: {jf1.fallback_reason or 'not applicable'}")
     if schedule != "jacobian" and jf1.engine == "batched" and jf2.engine == "batched":
         # stored activations are smaller than Jacobian rows for short sequences: one pass, no recomputation
         res = _exact_activations(jf1, jf2, b1, b2, symmetric, kind, want_groups, budget, o1, o2, full_bytes,
                                  force=schedule == "activations")
         if res is not None:
             return res
-        if schedule == "activations":  # the first chunk showed the engine does not apply
-            raise NTKError("schedule='activations' needs the batched engine; here: "
-                           f"{jf1.fallback_reason or 'not applicable'}")
+    if schedule == "activations":  # forced, it raises itself when it does not fit: the engine does not apply
+        raise NTKError("schedule='activations' needs the batched engine (every selected tensor a weight or bias "
+                       f"of a linear layer used once); here: {jf1.fallback_reason or 'not applicable'}")
     if rows < chunk:
         raise NTKError(
             f"exact kernel does not fit: the whole Jacobian needs {_fmt_bytes(full_bytes)} "
@@ -975,6 +970,15 @@ def _exact(jf1: _Jacobian, jf2: _Jacobian, b1, b2, symmetric, kind, want_groups,
                  "full_jacobian_bytes": full_bytes, "engine": jf1.engine}
 
 
+def _check_finite(J: torch.Tensor, examples: torch.Tensor, name: str, group: str) -> None:
+    """Raise naming the first example (index into ``name``) whose Jacobian rows ``J (b, o, p_g)`` are not finite."""
+    bad = ~torch.isfinite(J).reshape(J.shape[0], -1).all(1)
+    if bool(bad.any()):
+        i = int(examples[int(bad.nonzero()[0])])
+        raise NTKError(f"non-finite gradient for example {i} of {name} (parameter group {group}); "
+                       "check that example's tokens/labels and the model's dtype")
+
+
 def _tokens(batch: dict, idx: torch.Tensor) -> int:
     """Examples × trimmed length of one chunk (what a capture of it stores per token)."""
     m = batch["attention_mask"][idx.to(batch["attention_mask"].device)]
@@ -1000,10 +1004,11 @@ def _exact_activations(jf1: _Jacobian, jf2: _Jacobian, b1, b2, symmetric, kind, 
     idx1 = torch.arange(b1["input_ids"].shape[0], device=b1["input_ids"].device)
     idx2 = None if symmetric else torch.arange(b2["input_ids"].shape[0], device=b2["input_ids"].device)
     plans = [(jf1, b1, idx1, jf1.plan(b1, idx1))] + ([] if symmetric else [(jf2, b2, idx2, jf2.plan(b2, idx2))])
-    first = jf1.capture_chunk(b1, idx1[plans[0][3][0].to(idx1.device)])
+    rows0 = idx1[plans[0][3][0].to(idx1.device)]
+    first = jf1.capture_chunk(b1, rows0)
     if first is None:
         return None
-    per_token = jf1.capture_bytes(first) / _tokens(b1, idx1[plans[0][3][0].to(idx1.device)])
+    per_token = jf1.capture_bytes(first) / _tokens(b1, rows0)
     tokens = sum(_tokens(b, idx[pos.to(idx.device)]) for _, b, idx, plan in plans for pos in plan)
     cap_bytes = per_token * tokens * max(o1, o2) / o1
     n1 = len(idx1)
@@ -1051,11 +1056,7 @@ def _exact_activations(jf1: _Jacobian, jf2: _Jacobian, b1, b2, symmetric, kind, 
 
     def form(jf, blk, g, name):
         J = torch.cat([jf.form_group(cap, g) for _, cap in blk], 0)
-        bad = ~torch.isfinite(J).reshape(J.shape[0], -1).all(1)
-        if bool(bad.any()):
-            i = int(torch.cat([r for r, _ in blk])[int(bad.nonzero()[0])])
-            raise NTKError(f"non-finite gradient for example {i} of {name} (parameter group {g}); "
-                           "check that example's tokens/labels and the model's dtype")
+        _check_finite(J, torch.cat([r for r, _ in blk]), name, g)
         return J
 
     B1, B2 = blocks(caps[0], R), blocks(caps[1], R)
@@ -1106,9 +1107,7 @@ def _exact_activations(jf1: _Jacobian, jf2: _Jacobian, b1, b2, symmetric, kind, 
             Kd += Gd
             groups_out[g] = unpermute(Gd)
     passes = n1 + (0 if symmetric else n2)
-    acc = _Accumulator([], kind, 0, 0, o1, o2, False)
-    acc.kernel, acc.groups = unpermute(Kd), groups_out
-    return acc, {"schedule": "activations", "gradient_passes": passes, "activation_bytes": int(cap_bytes),
+    return SimpleNamespace(kernel=unpermute(Kd), groups=groups_out), {"schedule": "activations", "gradient_passes": passes, "activation_bytes": int(cap_bytes),
                  "row_block": min(R, n1), "memory_budget": budget, "full_jacobian_bytes": full_bytes,
                  "engine": jf1.engine}
 
