@@ -26,7 +26,7 @@ _EXPORTS = {
     "TaskVector": "taskvec.task_vector",
     "empirical_ntk": "taskvec.ntk", "jacobian_features": "taskvec.ntk", "jvp_outputs": "taskvec.ntk",
     "NTKResult": "taskvec.ntk", "spectrum_report": "taskvec.spectrum", "spectral_stopping_step": "taskvec.spectral",
-    "SpectralStopping": "taskvec.spectral", "validate_run": "taskvec.interference", "MergeSpec": "taskvec.interference",
+    "SpectralStopping": "taskvec.spectral", "validate_run": "taskvec.validation", "MergeSpec": "taskvec.merge.memory",
     "write_report": "taskvec.report", "run_pipeline": "taskvec.pipeline",
     "Patience": "taskvec.stopping", "StoppingRule": "taskvec.stopping", "register_rule": "taskvec.stopping",
 }

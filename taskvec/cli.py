@@ -9,62 +9,117 @@ import argparse
 import json
 import sys
 from dataclasses import fields
-from pathlib import Path
+
+
+def _none_or(conv):
+    """argparse ``type`` of an ``X | None`` field: ``none`` (any case) is ``None``, anything else ``conv(text)``."""
+    def parse(text: str):
+        return None if text.lower() == "none" else conv(text)
+
+    parse.__name__ = conv.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def _items(conv):
+    """argparse ``type`` of one value of a ``list[X]`` field: comma-separated items, ``none`` = no item."""
+    def parse(text: str) -> list:
+        return [conv(x) for x in text.split(",") if x and x.lower() != "none"]
+
+    parse.__name__ = conv.__name__
+    return parse
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _finetune_fields() -> list[tuple]:
+    """``(field, type, optional)`` for every :class:`FinetuneConfig` field: its annotation resolved, with
+    ``X | None`` as ``(X, True)``."""
+    import typing
+
+    from .finetune import FinetuneConfig
+
+    hints = typing.get_type_hints(FinetuneConfig)
+    out = []
+    for f in fields(FinetuneConfig):
+        tp, args = hints[f.name], typing.get_args(hints[f.name])
+        optional = type(None) in args and typing.get_origin(tp) is not list
+        if optional:
+            tp = next(t for t in args if t is not type(None))
+        out.append((f, tp, optional))
+    return out
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return json.dumps(value) if isinstance(value, dict) else str(value)
 
 
 def _add_finetune_args(p: argparse.ArgumentParser) -> None:
-    from .finetune import FinetuneConfig
+    """One flag per :class:`FinetuneConfig` field, generated from the dataclass: ``--field-name`` (and the
+    spellings in ``metadata["flags"]``), typed from the annotation, help from ``metadata["help"]``, default
+    the field's default (shown). ``bool`` → ``--flag/--no-flag``; ``X | None`` also takes ``none``;
+    ``list[X]`` → one or more values, each possibly comma-separated (``--early-stopping patience,spectral``,
+    ``none`` = empty); ``dict`` (``rule_args``) → a JSON object, plus the repeatable ``--rule-arg
+    RULE.KEY=VALUE``."""
+    import typing
 
-    d = FinetuneConfig()
-    g = p.add_argument_group("fine-tuning")
-    g.add_argument("--scope", default=d.scope, help="full | attention | qkv | q | v | qv | ... | lora | re:<regex>")
-    g.add_argument("--head", default=d.head, choices=["auto", "probe", "label_words", "random"])
-    g.add_argument("--train-head", action="store_true", help="also train the task head (default: frozen)")
-    g.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "sgd"])
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--max-steps", type=int, default=d.max_steps)
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--schedule", default=d.schedule, choices=["constant", "linear"])
-    g.add_argument("--loss", default=d.loss, choices=["ce", "mse"])
-    g.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluation interval (steps)")
-    g.add_argument("--early-stopping", default=",".join(d.early_stopping),
-                   help="comma-separated rules: patience, spectral, or none")
-    g.add_argument("--rule-arg", action="append", default=[], metavar="RULE.KEY=VALUE",
-                   help="keyword argument of a stopping rule, e.g. spectral.max_examples=256 (repeatable)")
-    g.add_argument("--patience", type=int, default=d.patience)
-    g.add_argument("--min-delta", type=float, default=d.min_delta)
-    g.add_argument("--metric", default=d.metric, choices=["val_loss", "val_accuracy"])
-    g.add_argument("--max-length", type=int, default=d.max_length)
-    g.add_argument("--max-train", type=int, default=d.max_train, help="cap on training examples per task")
-    g.add_argument("--test-size", type=int, default=d.test_size)
-    g.add_argument("--val-size", type=int, default=d.val_size)
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--lora-r", type=int, default=d.lora_r)
-    g.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
-    g.add_argument("--lora-targets", default=None, help="comma-separated module names (default: Q and V)")
-    g.add_argument("--rslora", action="store_true")
-    g.add_argument("--device", default=None, help="cpu, cuda, ... (default: accelerate's choice)")
+    g = p.add_argument_group("fine-tuning (the fields of taskvec.finetune.FinetuneConfig)")
+    for f, tp, optional in _finetune_fields():
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        names = [f"--{f.name.replace('_', '-')}", *f.metadata.get("flags", ())]
+        kw = {"dest": f.name, "default": default,
+              "help": f"{f.metadata.get('help', '')} (default: {_shown(default)})".replace("%", "%%")}
+        if "choices" in f.metadata:
+            kw["choices"] = list(f.metadata["choices"])
+        if tp is bool:
+            g.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(tp) is list:
+            item = typing.get_args(tp)[0]
+            g.add_argument(*names, nargs="+", type=_items(item),
+                           metavar=f.metadata.get("metavar", item.__name__.upper()), **kw)
+        elif tp is dict or typing.get_origin(tp) is dict:
+            g.add_argument(*names, type=_json_object, metavar="JSON", **kw)
+            if f.name == "rule_args":
+                g.add_argument("--rule-arg", action="append", default=[], metavar="RULE.KEY=VALUE",
+                               help="one keyword argument of a stopping rule, e.g. spectral.max_examples=256 "
+                                    "(repeatable; applied over --rule-args)")
+        else:
+            g.add_argument(*names, type=_none_or(tp) if optional else tp, **kw)
 
 
 def _finetune_config(a):
+    """The :class:`FinetuneConfig` of flags parsed by :func:`_add_finetune_args`."""
+    import typing
+
     from .finetune import FinetuneConfig
 
-    return FinetuneConfig(
-        scope=a.scope, head=a.head, train_head=a.train_head, optimizer=a.optimizer, lr=a.lr,
-        weight_decay=a.weight_decay, batch_size=a.batch_size, max_steps=a.max_steps, warmup_steps=a.warmup_steps,
-        schedule=a.schedule, loss=a.loss, eval_every=a.eval_every, early_stopping=a.early_stopping,
-        patience=a.patience, min_delta=a.min_delta, metric=a.metric, max_length=a.max_length,
-        max_train=a.max_train, test_size=a.test_size, val_size=a.val_size, seed=a.seed, lora_r=a.lora_r,
-        lora_alpha=a.lora_alpha, lora_targets=a.lora_targets.split(",") if a.lora_targets else None,
-        use_rslora=a.rslora, device=a.device, rule_args=_rule_args(a.rule_arg))
+    kw = {}
+    for f, tp, _ in _finetune_fields():
+        value = getattr(a, f.name)
+        if typing.get_origin(tp) is list and value and isinstance(value[0], list):  # given: a list per value
+            value = [x for v in value for x in v]
+            if not value and f.default is None:  # e.g. --lora-targets none
+                value = None
+        kw[f.name] = value
+    kw["rule_args"] = _rule_args(getattr(a, "rule_arg", []), kw["rule_args"])
+    return FinetuneConfig(**kw)
 
 
-def _rule_args(items: list[str]) -> dict:
+def _rule_args(items: list[str], base: dict | None = None) -> dict:
     import yaml
 
-    out: dict = {}
+    out: dict = {k: dict(v) for k, v in (base or {}).items()}
     for it in items:
         key, sep, value = it.partition("=")
         rule, dot, name = key.partition(".")
@@ -104,13 +159,15 @@ def cmd_finetune(a) -> int:
 
 
 def cmd_vectors(a) -> int:
-    from .finetune import extract_vectors
+    from .runs import open_run
+    from .stages.vectors import extract_vectors
     from .task_vector import TaskVector
 
-    vs = extract_vectors(a.run, overwrite=a.overwrite)
+    run = open_run(a.run)
+    vs = extract_vectors(run, overwrite=a.overwrite)
     names = list(vs)
     for n in names:
-        print(f"{n}: {vs[n]!r} -> {Path(a.run) / 'vectors' / (n + '.safetensors')}")
+        print(f"{n}: {vs[n]!r} -> {run.vector_path(n)}")
     if len(names) > 1:
         m = TaskVector.cosine_matrix(vs.values())
         print("cosine similarity:")
@@ -131,20 +188,22 @@ def cmd_merge(a) -> int:
 
 
 def cmd_ntk(a) -> int:
-    from .ntk import run_ntk
+    from .stages.ntk import run_ntk
 
     res = run_ntk(a.run, out=a.out, n=a.n, params=a.params, mode=a.mode, output=a.output, kernel=a.kernel,
-                  cross=not a.no_cross, sketch_dim=a.sketch_dim, seed=a.seed, device=a.device)
+                  cross=not a.no_cross, sketch_dim=a.sketch_dim, seed=a.seed, device=a.device,
+                  max_length=a.max_length, overwrite=a.overwrite)
     print(json.dumps(res, indent=2, default=str))
     return 0
 
 
 def cmd_validate(a) -> int:
-    from .interference import validate_run
     from .report import summary_markdown
+    from .validation import validate_run
 
     res = validate_run(a.run, n_eval=a.n_eval, n_kernel=a.n_kernel, rank=a.rank,
-                       second_order=not a.first_order, max_uncertainty=a.max_uncertainty, device=a.device)
+                       second_order=not a.first_order, max_uncertainty=a.max_uncertainty, device=a.device,
+                       overwrite=a.overwrite)
     print(summary_markdown({"validation": res}))
     return 0
 
@@ -152,7 +211,7 @@ def cmd_validate(a) -> int:
 def cmd_report(a) -> int:
     from .report import write_report
 
-    print(f"report written to {write_report(a.run)}")
+    print(f"report written to {write_report(a.run, overwrite=a.overwrite)}")
     return 0
 
 
@@ -200,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sketch-dim", type=int, default=8192)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default=None)
+    s.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the run's)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     s.set_defaults(func=cmd_ntk)
 
     s = sub.add_parser("merge", help="merge checkpoints from a YAML config (taskvec or mergekit format)")
@@ -222,10 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "examples could flip under the neglected higher-order terms")
     s.add_argument("--first-order", action="store_true", help="skip the second-order term (no trust signal: every prediction is flagged)")
     s.add_argument("--device", default=None)
+    s.add_argument("--overwrite", action="store_true", help="replace an existing RUN/validation/results.json")
     s.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("report", help="write RUN/report/report.html (+ PNG figures) and RUN/results.json")
     s.add_argument("run")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing RUN/report/")
     s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("run", help="the whole pipeline from a YAML config ('default' = the packaged one)")
@@ -237,10 +300,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _log_to_stderr() -> None:
+    """The library logs through ``logging`` (logger ``taskvec``); the CLI shows its INFO messages."""
+    import logging
+
+    logger = logging.getLogger("taskvec")
+    if not any(getattr(h, "_taskvec_cli", False) for h in logger.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        h._taskvec_cli = True
+        logger.addHandler(h)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv=None) -> int:
     from .errors import TaskvecError
 
     args = build_parser().parse_args(argv)
+    _log_to_stderr()
     try:
         return args.func(args)
     except (TaskvecError, ValueError, FileNotFoundError, FileExistsError) as e:

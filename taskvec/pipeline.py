@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from importlib import resources
@@ -30,13 +31,15 @@ import yaml
 from .errors import TaskvecError
 from .io import write_json
 
+log = logging.getLogger(__name__)
+
 STAGES = ["finetune", "vectors", "ntk", "merge", "validate", "report"]
 TOP_KEYS = {"model", "tasks", "stages", "finetune", "ntk", "merge", "validate", "report"}
 
 
 def merge_specs(cfg: dict) -> list:
-    """The config's merges as :class:`~taskvec.interference.MergeSpec` (``merge.methods`` entries)."""
-    from .interference import MergeSpec
+    """The config's merges as :class:`~taskvec.merge.memory.MergeSpec` (``merge.methods`` entries)."""
+    from .merge.memory import MergeSpec
 
     specs = []
     for i, m in enumerate((cfg.get("merge") or {}).get("methods", [])):
@@ -83,80 +86,96 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _merge_stage(cfg: dict, out: Path, redo: bool) -> dict:
+    """Write each configured merge (not the NTK-aware ones: the validate stage builds those in memory)."""
+    from .merge import merge
+    from .runs import stage_path
+
+    written = {}
+    for spec in merge_specs(cfg):
+        if spec.method in ("ntk_aware", "ntk_aware_harmful"):
+            continue
+        dest = stage_path(out, "merge") / (re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name).strip("_"))
+        if not dest.exists() or redo:
+            merge({"run": str(out), "method": spec.method, "parameters": spec.params}, dest,
+                  overwrite=True, show_progress=False)
+        written[spec.name] = str(dest)
+    return written
+
+
+def _run_stage(stage: str, cfg: dict, out: Path, tasks: list, redo: bool):
+    """Run one stage into ``out``; ``redo``: recompute what exists. Returns the stage's summary."""
+    from .finetune import FinetuneConfig, finetune, results_table
+    from .stages.vectors import extract_vectors
+
+    if stage == "finetune":
+        res = finetune(cfg["model"], tasks, out, FinetuneConfig(**cfg.get("finetune", {})), overwrite=redo)
+        log.info("fine-tuning results:\n%s", results_table(res))
+        return {"table": results_table(res),
+                "tasks": {r.task: {k: v for k, v in r.__dict__.items() if k != "curve"} for r in res}}
+    if stage == "vectors":
+        from .task_vector import TaskVector
+
+        vs = extract_vectors(out, overwrite=redo)
+        names = list(vs)
+        return {"norms": {n: vs[n].norm() for n in names}, "tasks": names,
+                "cosine": TaskVector.cosine_matrix(vs.values()).tolist()}
+    if stage == "ntk":
+        from .stages.ntk import run_ntk
+
+        return run_ntk(out, overwrite=True, **cfg.get("ntk", {}))
+    if stage == "merge":
+        return _merge_stage(cfg, out, redo)
+    if stage == "validate":
+        from .runs import stage_path
+        from .validation import validate_run
+
+        res = validate_run(out, merges=merge_specs(cfg) or None, overwrite=True, **dict(cfg.get("validate") or {}))
+        return {"summary": res["summary"], "path": str(stage_path(out, "validate")),
+                "coefficients": {k: v for k, v in res["coefficients"].items() if k != "grid"}}
+    if stage == "report":
+        from .report import write_report
+
+        return str(write_report(out, overwrite=True))
+    raise TaskvecError(f"unknown stage {stage!r}; valid stages: {STAGES}")  # pragma: no cover
+
+
 def run_pipeline(config="default", out="runs/default", overwrite: bool = False, stages=None) -> dict:
     """Run the configured stages into ``out``; returns the stage summaries (also in ``OUT/pipeline.json``;
-    the report stage writes every number to ``OUT/results.json``)."""
-    from .finetune import FinetuneConfig, extract_vectors, finetune, results_table
+    the report stage writes every number to ``OUT/results.json``).
+
+    A stage whose inputs (its config section and every stage before it) are unchanged since it last
+    finished is reused; one whose inputs changed is recomputed, and so is everything after it.
+    """
     from .tasks import load_task
 
     cfg = load_config(config)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    todo = [s for s in cfg["stages"] if stages is None or s in stages]
     if stages:
         bad = [s for s in stages if s not in STAGES]
         if bad:
             raise TaskvecError(f"unknown stages {bad}; valid stages: {STAGES}")
+    todo = [s for s in cfg["stages"] if stages is None or s in stages]
     tasks = [load_task(t) for t in cfg["tasks"]]  # fail early on unknown task names
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     state_path = out / "stages.json"
     state = json.loads(state_path.read_text()) if state_path.exists() and not overwrite else {}
     results = json.loads((out / "pipeline.json").read_text()) if (out / "pipeline.json").exists() else {}
     upstream = _hash({"model": cfg["model"], "tasks": cfg["tasks"]})
     for stage in STAGES:
         key = _hash({"up": upstream, "cfg": cfg.get(stage, {})})
+        upstream = _hash([upstream, key])
         if stage not in todo:
-            upstream = _hash([upstream, key])
             continue
         stale = state.get(stage) != key
+        if not (overwrite or stale) and stage in results and stage in ("ntk", "validate", "report"):
+            log.info("== stage %s: inputs unchanged, reusing %s", stage, out)
+            continue
         t0 = time.time()
-        print(f"== stage {stage}{' (inputs changed: recomputing)' if stale and stage in state else ''}")
-        if stage == "finetune":
-            fcfg = FinetuneConfig(**cfg.get("finetune", {}))
-            res = finetune(cfg["model"], tasks, out, fcfg, overwrite=overwrite or stale)
-            print(results_table(res))
-            results["finetune"] = {"table": results_table(res),
-                                   "tasks": {r.task: {k: v for k, v in r.__dict__.items() if k != "curve"}
-                                             for r in res}}
-        elif stage == "vectors":
-            vs = extract_vectors(out, overwrite=overwrite or stale)
-            from .task_vector import TaskVector
-
-            names = list(vs)
-            results["vectors"] = {"norms": {n: vs[n].norm() for n in names}, "tasks": names,
-                                  "cosine": TaskVector.cosine_matrix(vs.values()).tolist()}
-        elif stage == "ntk":
-            from .ntk import run_ntk
-
-            results["ntk"] = run_ntk(out, **cfg.get("ntk", {}))
-        elif stage == "merge":
-            from .merge import merge
-
-            written = {}
-            for spec in merge_specs(cfg):
-                if spec.method == "ntk_aware":
-                    continue  # built in memory by the validate stage
-                dest = out / "merges" / re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name).strip("_")
-                if dest.exists() and not (overwrite or stale):
-                    written[spec.name] = str(dest)
-                    continue
-                merge({"run": str(out), "method": spec.method, "parameters": spec.params}, dest,
-                      overwrite=True, show_progress=False)
-                written[spec.name] = str(dest)
-            results["merge"] = written
-        elif stage == "validate":
-            from .interference import validate_run
-
-            vcfg = dict(cfg.get("validate") or {})
-            res = validate_run(out, merges=merge_specs(cfg) or None, **vcfg)
-            results["validate"] = {"summary": res["summary"], "coefficients": {
-                k: v for k, v in res["coefficients"].items() if k != "grid"}, "path": str(out / "validation")}
-        elif stage == "report":
-            from .report import write_report
-
-            results["report"] = str(write_report(out))
+        log.info("== stage %s%s", stage, " (inputs changed: recomputing)" if stale and stage in state else "")
+        results[stage] = _run_stage(stage, cfg, out, tasks, redo=overwrite or stale)
         state[stage] = key
         write_json(state_path, state)
         results.setdefault("wall_time_s", {})[stage] = time.time() - t0
         write_json(out / "pipeline.json", results)
-        upstream = _hash([upstream, key])
     return results

@@ -1,10 +1,11 @@
 """``taskvec report RUN/``: an offline HTML page with PNG figures, drawn only from saved results.
 
-Reads ``RUN/finetune/<task>/log.json`` (learning curves, stop steps, the spectral rule's summary),
-``RUN/validation/results.json`` (:func:`taskvec.interference.validate_run`) and, when present,
-``RUN/ntk/results.json`` (:mod:`taskvec.ntk`), and writes
+Reads, through :class:`taskvec.runs.Run`, the fine-tuning logs (learning curves, stop steps, the spectral
+rule's summary), the validation results (:func:`taskvec.validation.validate_run`) and, when present, the
+ntk stage's spectra, confidence intervals and effective ranks (:func:`taskvec.stages.ntk.run_ntk`), and writes
 
-* ``RUN/report/report.html`` — tables and figures (open it in any browser; no network),
+* ``RUN/report/report.html`` — tables and figures (open it in any browser; no network); an existing
+  report is replaced only with ``overwrite=True`` (``--overwrite``),
 * ``RUN/report/*.png`` — the figures,
 * ``RUN/results.json`` — every number of the page in one JSON file.
 
@@ -14,7 +15,6 @@ Nothing is computed here but summaries of saved numbers (a decay fit of a saved 
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +22,15 @@ import numpy as np
 from .io import atomic_file, write_json
 
 
-def _load(p: Path):
-    return json.loads(p.read_text()) if p.exists() else None
-
-
 def collect(run_dir) -> dict:
-    """All saved results of a run as one dict (what ``RUN/results.json`` holds)."""
-    run_dir = Path(run_dir)
-    meta = _load(run_dir / "run.json") or {}
-    logs = {}
-    for t in meta.get("tasks", []):
-        log = _load(run_dir / "finetune" / t / "log.json")
-        if log:
-            logs[t] = log
-    return {"run": meta, "finetune": logs, "validation": _load(run_dir / "validation" / "results.json"),
-            "ntk": _load(run_dir / "ntk" / "results.json")}
+    """All saved results of a run as one dict (what ``RUN/results.json`` holds), read through
+    :class:`taskvec.runs.Run`: ``run`` (run.json's base, scope, tasks), ``finetune`` ({task: log}),
+    ``ntk`` (the ntk stage's summary and spectrum reports, or ``None``), ``validation`` (or ``None``)."""
+    from .runs import open_run
+
+    run = open_run(run_dir, require="run")
+    return {"run": run.description(),
+            "finetune": run.finetune_logs(), "validation": run.validation_results(), "ntk": run.ntk_results()}
 
 
 # --- figures -----------------------------------------------------------------------------------------------
@@ -195,6 +189,8 @@ def fig_scatter(val: dict | None, out: Path) -> str | None:
 
 
 def fig_normalized(val: dict | None, out: Path) -> str | None:
+    """Bars of normalized accuracy (merged / individually fine-tuned, %) per merge and task, drawn up or down
+    from the 100% line, on an axis just wide enough for the values (each annotated)."""
     if not val:
         return None
     plt = _plt()
@@ -202,17 +198,29 @@ def fig_normalized(val: dict | None, out: Path) -> str | None:
     merges = val["merges"]
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(merges)), 3.8))
     w = 0.8 / (len(names) + 1)
+    small = len(merges) * (len(names) + 1) > 24
+    every = []
     for j, t in enumerate(names + ["average"]):
-        vals = [100 * (np.mean([m["per_task"][s]["normalized_measured"] for s in names]) if t == "average"
-                       else m["per_task"][t]["normalized_measured"]) for m in merges]
-        ax.bar(np.arange(len(merges)) + j * w, vals, w, label=t, color="k" if t == "average" else f"C{j}")
+        vals = np.asarray([100 * (np.mean([m["per_task"][s]["normalized_measured"] for s in names]) if t == "average"
+                                  else m["per_task"][t]["normalized_measured"]) for m in merges], dtype=float)
+        every += list(vals)
+        xs = np.arange(len(merges)) + j * w
+        ax.bar(xs, vals - 100, w, bottom=100, label=t, color="k" if t == "average" else f"C{j}")
+        for x, v in zip(xs, vals):
+            if np.isfinite(v):
+                ax.annotate(f"{v:.1f}", (x, v), xytext=(0, 2 if v >= 100 else -2), textcoords="offset points",
+                            ha="center", va="bottom" if v >= 100 else "top", fontsize=5 if small else 6,
+                            rotation=90 if small else 0)
     ax.set_xticks(np.arange(len(merges)) + 0.4 - w / 2, [m["name"] for m in merges], rotation=20, ha="right",
                   fontsize=8)
     ax.set_ylabel("normalized accuracy (%)")
-    ax.axhline(100, color="k", lw=0.5)
-    ax.set_ylim(bottom=max(0, ax.get_ylim()[0]))
-    ax.legend(fontsize=7, ncol=3)
-    ax.set_title("merged / individually fine-tuned accuracy, per task")
+    ax.axhline(100, color="k", lw=0.8, ls="--")
+    finite = [v for v in every if np.isfinite(v)]
+    lo, hi = min(finite + [100.0]), max(finite + [100.0])
+    pad = max(0.5, 0.12 * (hi - lo))
+    ax.set_ylim(lo - pad, hi + 2.5 * pad)  # room above for the annotations and the legend
+    ax.legend(fontsize=7, ncol=min(len(names) + 1, 5), loc="upper left")
+    ax.set_title("merged / individually fine-tuned accuracy, per task (dashed: 100% = fine-tuned)")
     return _save(fig, out / "normalized_accuracy.png")
 
 
@@ -237,10 +245,21 @@ def fig_coefficients(val: dict | None, out: Path) -> str | None:
 # --- the page ------------------------------------------------------------------------------------------------
 
 
-def _table(rows: list[list], header: list[str]) -> str:
-    h = "".join(f"<th>{html.escape(str(x))}</th>" for x in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in r) + "</tr>" for r in rows)
+def _table(rows: list[list], header: list[str], left: tuple[int, ...] = (0,)) -> str:
+    """An HTML table, every cell escaped; columns ``left`` are left-aligned (text), the others right (numbers)."""
+    def cell(tag, i, x):
+        return f"<{tag} class=l>{html.escape(str(x))}</{tag}>" if i in left else f"<{tag}>{html.escape(str(x))}</{tag}>"
+
+    h = "".join(cell("th", i, x) for i, x in enumerate(header))
+    body = "".join("<tr>" + "".join(cell("td", i, x) for i, x in enumerate(r)) + "</tr>" for r in rows)
     return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _markdown_table(rows: list[list], header: list[str]) -> str:
+    def line(cells):
+        return "| " + " | ".join(str(x).replace("|", "\\|") for x in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *(line(r) for r in rows)])
 
 
 def _pct(x, signed=False):
@@ -249,147 +268,216 @@ def _pct(x, signed=False):
     return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
 
 
-def summary_markdown(res: dict) -> str:
-    """The headline numbers as markdown (used in the README)."""
-    val = res.get("validation")
-    lines = []
-    if res.get("finetune"):
-        from .finetune import TaskResult, results_table
+def _task_results(logs: dict) -> list:
+    """The fine-tuning logs as :class:`~taskvec.finetune.TaskResult` objects."""
+    from .finetune import TaskResult
 
-        keys = TaskResult.__dataclass_fields__.keys()
-        lines += [results_table([TaskResult(**{k: v[k] for k in keys if k in v}) for v in res["finetune"].values()]), ""]
-    if val:
-        s = val["summary"]
-        c = val["coefficients"]
-        lines += [
-            "| measure | value |", "|---|---|",
-            f"| Spearman, predicted vs measured accuracy change (all {s['n_predictions']} merge×task pairs, "
-            f"{'second' if s.get('order', 1) == 2 else 'first'} order) | "
-            + (f"{s['spearman_change']:.3f} |" if s.get("spearman_change") is not None else "– |"),
-            f"| same, first order only | {s['spearman_change_1st']:.3f} |"
-            if s.get("order", 1) == 2 and s.get("spearman_change_1st") is not None else "",
-            f"| mean absolute error, all predictions (points) | {s['mae_points']:.2f} (first order "
-            f"{s['mae_points_1st']:.2f}; no-change baseline {s['mae_points_nochange_baseline']:.2f}) |",
-            f"| mean absolute error, trusted predictions (uncertainty ≤ {s['max_uncertainty']:g} points) | "
-            + (f"{s['mae_points_trusted']:.2f} ({s['n_trusted']} trusted) |"
-               if s.get("mae_points_trusted") is not None else "– (0 trusted) |"),
-            "| mean absolute error, flagged predictions | "
-            + (f"{s['mae_points_untrusted']:.2f} ({s['n_untrusted']} flagged) |"
-               if s.get("mae_points_untrusted") is not None else "– (0 flagged) |"),
-            "| interference matrix, Spearman predicted vs measured (off-diagonal) | "
-            + (f"{s['interference_spearman']:.3f} |" if s.get("interference_spearman") is not None else "– |"),
-            f"| grid-search best avg normalized accuracy (λ={c['grid_best_lambda']:g}, {c['grid_evaluations']} "
-            f"full evaluations) | {100 * c['grid_best_measured']:.2f}% |",
-            f"| prediction-chosen global λ (1 full evaluation) | {100 * c['chosen']['global']['measured']:.2f}% "
-            f"(gap {c['gap_points_global']:+.2f} points) |",
-            f"| prediction-chosen per-task coefficients (1 full evaluation) | "
-            f"{100 * c['chosen']['per_task']['measured']:.2f}% (gap {c['gap_points_per_task']:+.2f} points) |",
-        ]
-        lines = [x for x in lines if x != ""]
-        lines += ["", "| merge | avg normalized accuracy (measured) | predicted |", "|---|---|---|"]
-        for m in val["merges"]:
-            per = m["per_task"].values()
-            lines.append(f"| {m['name']} | {100 * np.mean([e['normalized_measured'] for e in per]):.2f}% | "
-                         f"{100 * np.mean([e['normalized_predicted'] for e in per]):.2f}% |")
-    return "\n".join(lines)
+    keys = TaskResult.__dataclass_fields__.keys()
+    return [TaskResult(**{k: v[k] for k in keys if k in v}) for v in logs.values()]
+
+
+def summary_tables(val: dict) -> list[tuple[list[str], list[list[str]]]]:
+    """The validation's headline numbers as ``(header, rows)`` tables (cells are strings): the measures
+    (rank correlation, errors, trusted/flagged, coefficients) and the average normalized accuracy per merge.
+    :func:`summary_markdown` and the HTML report both render these."""
+    s, c = val["summary"], val["coefficients"]
+
+    def num(key, fmt=".3f"):
+        return f"{s[key]:{fmt}}" if s.get(key) is not None else "–"
+
+    order2 = s.get("order", 1) == 2
+    rows = [[(f"Spearman, predicted vs measured accuracy change (all {s['n_predictions']} merge×task pairs, "
+              f"{'second' if order2 else 'first'} order)"), num("spearman_change")]]
+    if order2 and s.get("spearman_change_1st") is not None:
+        rows.append(["same, first order only", num("spearman_change_1st")])
+    rows += [
+        ["mean absolute error, all predictions (points)",
+         (f"{s['mae_points']:.2f} (first order {s['mae_points_1st']:.2f}; no-change baseline "
+          f"{s['mae_points_nochange_baseline']:.2f})")],
+        [f"mean absolute error, trusted predictions (uncertainty ≤ {s['max_uncertainty']:g} points)",
+         f"{s['mae_points_trusted']:.2f} ({s['n_trusted']} trusted)" if s.get("mae_points_trusted") is not None
+         else "– (0 trusted)"],
+        ["mean absolute error, flagged predictions",
+         f"{s['mae_points_untrusted']:.2f} ({s['n_untrusted']} flagged)"
+         if s.get("mae_points_untrusted") is not None else "– (0 flagged)"],
+        ["interference matrix, Spearman predicted vs measured (off-diagonal)", num("interference_spearman")],
+        [(f"grid-search best avg normalized accuracy (λ={c['grid_best_lambda']:g}, {c['grid_evaluations']} "
+          "full evaluations)"), f"{100 * c['grid_best_measured']:.2f}%"],
+        ["prediction-chosen global λ (1 full evaluation)",
+         f"{100 * c['chosen']['global']['measured']:.2f}% (gap {c['gap_points_global']:+.2f} points)"],
+        ["prediction-chosen per-task coefficients (1 full evaluation)",
+         f"{100 * c['chosen']['per_task']['measured']:.2f}% (gap {c['gap_points_per_task']:+.2f} points)"],
+    ]
+    merges = [[m["name"], f"{100 * np.mean([e['normalized_measured'] for e in m['per_task'].values()]):.2f}%",
+               f"{100 * np.mean([e['normalized_predicted'] for e in m['per_task'].values()]):.2f}%"]
+              for m in val["merges"]]
+    return [(["measure", "value"], rows),
+            (["merge", "avg normalized accuracy (measured)", "predicted"], merges)]
+
+
+def summary_markdown(res: dict) -> str:
+    """The headline numbers as markdown tables, separated by blank lines (used in the README)."""
+    blocks = []
+    if res.get("finetune"):
+        from .finetune import results_table
+
+        blocks.append(results_table(_task_results(res["finetune"])))
+    if res.get("validation"):
+        blocks += [_markdown_table(rows, header) for header, rows in summary_tables(res["validation"])]
+    return "\n\n".join(blocks)
 
 
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;margin:2em auto;
 padding:0 1em;color:#222;line-height:1.45}table{border-collapse:collapse;margin:1em 0;font-size:14px}
-td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}
+td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}.l{text-align:left}
 img{max-width:100%;border:1px solid #eee;margin:.5em 0}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;
 margin-top:2em}.note{color:#555;font-size:14px}code{background:#f5f5f5;padding:1px 4px}"""
 
 
-def write_report(run_dir, out: str | Path | None = None) -> Path:
-    """Write ``report.html`` + PNG figures (``RUN/report/``) and ``RUN/results.json``; return the page path."""
+def write_report(run_dir, out: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write ``report.html`` + PNG figures into ``out`` (default ``RUN/report/``) and ``RUN/results.json``;
+    return the page's path.
+
+    An existing ``out`` is refused unless ``overwrite`` (then replaced whole); the directory appears only
+    when the page is complete. Raises :class:`taskvec.runs.RunError` when ``run_dir`` is not a run.
+    """
+    import shutil
+
+    from .io import atomic_dir, check_output
+
     run_dir = Path(run_dir)
     res = collect(run_dir)
-    out = Path(out) if out else run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    val = res["validation"]
-    figs = {"curves": fig_learning_curves(res["finetune"], out)}
-    figs["spectra"], fits = fig_spectra(val, out)
-    figs["geometry"] = fig_geometry(val, out)
-    figs["interference"] = fig_interference(val, out)
-    figs["scatter"] = fig_scatter(val, out)
-    figs["normalized"] = fig_normalized(val, out)
-    figs["coefficients"] = fig_coefficients(val, out)
-    res["decay_fits"] = fits
-    res["summary_markdown"] = summary_markdown(res)
-    write_json(run_dir / "results.json", res)
+    out = check_output(Path(out) if out else run_dir / "report", overwrite)
+    with atomic_dir(out, overwrite) as tmp:
+        val = res["validation"]
+        figs = {"curves": fig_learning_curves(res["finetune"], tmp)}
+        figs["spectra"], fits = fig_spectra(val, tmp)
+        figs["geometry"] = fig_geometry(val, tmp)
+        figs["interference"] = fig_interference(val, tmp)
+        figs["scatter"] = fig_scatter(val, tmp)
+        figs["normalized"] = fig_normalized(val, tmp)
+        figs["coefficients"] = fig_coefficients(val, tmp)
+        ntk_figs = []
+        for f in (res["ntk"] or {}).get("figures", []):  # the ntk stage's own plots, copied: a self-contained page
+            shutil.copy2(f, tmp / f"ntk_{Path(f).name}")
+            ntk_figs.append(f"ntk_{Path(f).name}")
+        res["decay_fits"] = fits
+        res["summary_markdown"] = summary_markdown(res)
+        parts = [_header(run_dir, res["run"]), *_finetune_section(res["finetune"], figs),
+                 *_ntk_section(res["ntk"], ntk_figs)]
+        if val:
+            parts += _validation_section(val, figs)
+        page = ("<!doctype html><html><head><meta charset=utf-8><title>taskvec report</title><style>" + CSS
+                + "</style></head><body>" + "\n".join(parts) + "</body></html>")
+        (tmp / "report.html").write_text(page, encoding="utf-8")
+        write_json(run_dir / "results.json", res)
+    return out / "report.html"
 
-    meta = res["run"]
-    parts = [f"<h1>taskvec report</h1><p class=note>Run <code>{html.escape(str(run_dir))}</code>: base "
-             f"<code>{html.escape(str(meta.get('base_model', '')))}</code>, scope <code>{html.escape(str(meta.get('scope', '')))}"
-             f"</code>, tasks {html.escape(', '.join(meta.get('tasks', [])))}. All numbers below are measured by this "
-             "run and also saved in <code>results.json</code>.</p>"]
-    if res["finetune"]:
-        rows = [[t, _pct(log["majority_accuracy"]), _pct(log["probe_test_accuracy"]), _pct(log["test_accuracy"]),
-                 _pct(log["test_accuracy"] - log["probe_test_accuracy"], True), log["best_step"], log["steps"],
-                 log["stop_reason"][:60], f"{log['wall_time_s']:.0f}"] for t, log in res["finetune"].items()]
-        parts += ["<h2>1. Fine-tuning with early stopping</h2>",
-                  _table(rows, ["task", "majority %", "probe %", "fine-tuned %", "Δ points", "best step", "steps",
-                                "stop", "wall s"])]
-        if figs["curves"]:
-            parts.append(f'<img src="{figs["curves"]}" alt="learning curves">')
-    if val:
-        s, c = val["summary"], val["coefficients"]
-        parts += ["<h2>2. The base model's eNTK: spectra and eigenspaces</h2>"]
-        if figs["spectra"]:
-            parts.append(f'<img src="{figs["spectra"]}" alt="spectra">')
-        if val.get("eigen", {}).get("split_half"):
-            e = val["eigen"]
-            parts.append("<p class=note>Eigenspace overlap ‖V_Aᵀ V_B‖²_F / r between tasks' top-r parameter-space "
-                         f"eigenspaces (r = {e['rank']}, {e['n_kernel']} training inputs per task); a random "
-                         f"r-dimensional subspace gives {e['random_baseline']:.1e}; the same task split in halves "
-                         "gives " + ", ".join(f"{t}: {v:.2f}" for t, v in e["split_half"].items()) + ".</p>")
-        if figs["geometry"]:
-            parts.append(f'<img src="{figs["geometry"]}" alt="overlaps and cosines">')
-        parts += ["<h2>3. Interference: predicted vs measured</h2>"]
-        if figs["interference"]:
-            parts.append(f'<img src="{figs["interference"]}" alt="interference">')
-        if val.get("disentanglement"):
-            parts.append(_table([[f"{d['pair'][0]} + {d['pair'][1]}", f"{d['predicted']:.3f}", f"{d['measured']:.3f}"]
-                                 for d in val["disentanglement"]], ["pair", "predicted ξ", "measured ξ"]))
-        parts += ["<h2>4. Merges: predicted vs measured accuracy</h2>"]
-        if figs["scatter"]:
-            parts.append(f'<img src="{figs["scatter"]}" alt="predicted vs measured">')
-        rows = []
-        for m in val["merges"]:
-            for t, e in m["per_task"].items():
-                unc = e.get("uncertainty")
-                rows.append([m["name"], t, _pct(e["base"]), _pct(e["predicted_1st"]), _pct(e.get("predicted_2nd")),
-                             "–" if unc is None else f"±{unc:.1f}", _pct(e["measured"]),
-                             "yes" if e["trusted"] else "UNTRUSTED", f"{e['lin_error']:.2f}",
-                             _pct(e["normalized_measured"])])
-        parts.append(_table(rows, ["merge", "task", "base %", "predicted, 1st order %", "predicted, 2nd order %",
-                                   "uncertainty (points)", "measured %", "trusted", "measured lin. error",
-                                   "normalized %"]))
-        calib = val["summary"].get("calibration")
-        if calib:
-            parts.append("<p class='note'>Calibration of the trust signal: mean and largest absolute error of the "
-                         "predictions whose uncertainty is at most the threshold (the signal is computed before "
-                         "merging; the errors after measuring).</p>")
-            parts.append(_table([["∞" if c["max_uncertainty"] is None else f"{c['max_uncertainty']:g}", str(c["n"]),
-                                  "–" if c["mae_points"] is None else f"{c['mae_points']:.2f}",
-                                  "–" if c["max_error_points"] is None else f"{c['max_error_points']:.2f}"]
-                                 for c in calib], ["uncertainty ≤ (points)", "predictions", "MAE (points)",
-                                                   "max error (points)"]))
-        parts.append("<pre>" + html.escape(summary_markdown({"validation": val})) + "</pre>")
-        if figs["normalized"]:
-            parts.append(f'<img src="{figs["normalized"]}" alt="normalized accuracy">')
-        parts += ["<h2>5. Choosing coefficients from predictions</h2>"]
-        if figs["coefficients"]:
-            parts.append(f'<img src="{figs["coefficients"]}" alt="coefficients">')
-        parts.append(f"<p class=note>Grid search: {c['grid_evaluations']} full evaluations; prediction-chosen: 1. "
-                     f"Gap to the grid-search best: {c['gap_points_global']:+.2f} points (global λ), "
-                     f"{c['gap_points_per_task']:+.2f} points (per-task coefficients).</p>")
-        parts.append(f"<p class=note>Validation wall time {val['wall_time_s']:.0f} s on {html.escape(val['device'])}; "
-                     f"{val['evaluations']} merged models built and evaluated.</p>")
-    page = ("<!doctype html><html><head><meta charset=utf-8><title>taskvec report</title><style>" + CSS
-            + "</style></head><body>" + "\n".join(parts) + "</body></html>")
-    path = out / "report.html"
-    with atomic_file(path) as tmp:
-        tmp.write_text(page, encoding="utf-8")
-    return path
+
+def _img(name: str | None, alt: str) -> list[str]:
+    return [f'<img src="{html.escape(name)}" alt="{html.escape(alt)}">'] if name else []
+
+
+def _header(run_dir: Path, meta: dict) -> str:
+    return (f"<h1>taskvec report</h1><p class=note>Run <code>{html.escape(str(run_dir))}</code>: base "
+            f"<code>{html.escape(str(meta.get('base_model', '')))}</code>, scope "
+            f"<code>{html.escape(str(meta.get('scope', '')))}</code>, tasks "
+            f"{html.escape(', '.join(meta.get('tasks', [])))}. All numbers below are measured by this run and "
+            "also saved in <code>results.json</code>.</p>")
+
+
+def _finetune_section(logs: dict, figs: dict) -> list[str]:
+    if not logs:
+        return []
+    from .finetune import RESULT_COLUMNS
+
+    rows = [r.table_row() for r in _task_results(logs)]  # whole stop reasons
+    return ["<h2>1. Fine-tuning with early stopping</h2>",
+            _table(rows, RESULT_COLUMNS, left=(0, RESULT_COLUMNS.index("stop"))), *_img(figs["curves"], "learning curves")]
+
+
+def ntk_rows(ntk: dict) -> list[list[str]]:
+    """One row per task of the ntk stage: kernel size, decay exponent with its bootstrap interval,
+    effective ranks, kernel-target alignment, kernel-ridge accuracy, seconds (:data:`NTK_COLUMNS`)."""
+    rows = []
+    for t, rep in ntk["spectra"].items():
+        sp = rep.get("uncentered") or {}
+        d, r = sp.get("decay") or {}, sp.get("ranks") or {}
+        ci = d.get("alpha_ci")
+        alpha = "–" if d.get("alpha") is None else f"{d['alpha']:.3f}"
+        if ci:
+            alpha += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+        kr = rep.get("kernel_ridge") or {}
+
+        def num(x, fmt):
+            return "–" if x is None else format(x, fmt)
+
+        rows.append([t, str(sp.get("n", "–")), alpha, num(r.get("participation_ratio"), ".1f"),
+                     num(r.get("entropy_rank"), ".1f"), num(r.get("stable_rank"), ".1f"), str(r.get("k90", "–")),
+                     num(rep.get("alignment"), ".3f"), num(kr.get("cv_accuracy"), ".3f"),
+                     num((rep.get("meta") or {}).get("seconds"), ".1f")])
+    return rows
+
+
+NTK_COLUMNS = ["task", "n", "decay α [90% CI]", "participation ratio", "entropy rank", "stable rank", "k90",
+               "alignment", "kernel-ridge CV acc.", "seconds"]
+
+
+def _ntk_section(ntk: dict | None, figs: list[str]) -> list[str]:
+    if not ntk or not ntk.get("spectra"):
+        return []
+    out = ["<h2>The ntk stage: each task's eNTK at θ0</h2>",
+           "<p class=note>Eigenvalues λ_k ∝ k^−α of each task's uncentred kernel on its kernel inputs (decay fit "
+           "with a bootstrap interval), effective ranks, kernel-target alignment and the cross-validated accuracy "
+           "of kernel ridge regression on the kernel; from <code>RUN/ntk/</code>.</p>",
+           _table(ntk_rows(ntk), NTK_COLUMNS)]
+    for f in figs:
+        out += _img(f, f.removeprefix("ntk_").removesuffix(".png"))
+    return out
+
+
+def _validation_section(val: dict, figs: dict) -> list[str]:
+    c = val["coefficients"]
+    parts = ["<h2>2. The base model's eNTK: spectra and eigenspaces</h2>", *_img(figs["spectra"], "spectra")]
+    if val.get("eigen", {}).get("split_half"):
+        e = val["eigen"]
+        parts.append("<p class=note>Eigenspace overlap ‖V_Aᵀ V_B‖²_F / r between tasks' top-r parameter-space "
+                     f"eigenspaces (r = {e['rank']}, {e['n_kernel']} training inputs per task); a random "
+                     f"r-dimensional subspace gives {e['random_baseline']:.1e}; the same task split in halves "
+                     "gives " + ", ".join(f"{t}: {v:.2f}" for t, v in e["split_half"].items()) + ".</p>")
+    parts += _img(figs["geometry"], "overlaps and cosines")
+    parts += ["<h2>3. Interference: predicted vs measured</h2>", *_img(figs["interference"], "interference")]
+    if val.get("disentanglement"):
+        parts.append(_table([[f"{d['pair'][0]} + {d['pair'][1]}", f"{d['predicted']:.3f}", f"{d['measured']:.3f}"]
+                             for d in val["disentanglement"]], ["pair", "predicted ξ", "measured ξ"]))
+    parts += ["<h2>4. Merges: predicted vs measured accuracy</h2>", *_img(figs["scatter"], "predicted vs measured")]
+    rows = []
+    for m in val["merges"]:
+        for t, e in m["per_task"].items():
+            unc = e.get("uncertainty")
+            rows.append([m["name"], t, _pct(e["base"]), _pct(e["predicted_1st"]), _pct(e.get("predicted_2nd")),
+                         "–" if unc is None else f"±{unc:.1f}", _pct(e["measured"]),
+                         "yes" if e["trusted"] else "UNTRUSTED", f"{e['lin_error']:.2f}",
+                         _pct(e["normalized_measured"])])
+    parts.append(_table(rows, ["merge", "task", "base %", "predicted, 1st order %", "predicted, 2nd order %",
+                               "uncertainty (points)", "measured %", "trusted", "measured lin. error",
+                               "normalized %"], left=(0, 1, 7)))
+    calib = val["summary"].get("calibration")
+    if calib:
+        parts.append("<p class='note'>Calibration of the trust signal: mean and largest absolute error of the "
+                     "predictions whose uncertainty is at most the threshold (the signal is computed before "
+                     "merging; the errors after measuring).</p>")
+        parts.append(_table([["∞" if c_["max_uncertainty"] is None else f"{c_['max_uncertainty']:g}", str(c_["n"]),
+                              "–" if c_["mae_points"] is None else f"{c_['mae_points']:.2f}",
+                              "–" if c_["max_error_points"] is None else f"{c_['max_error_points']:.2f}"]
+                             for c_ in calib], ["uncertainty ≤ (points)", "predictions", "MAE (points)",
+                                                "max error (points)"], left=()))
+    parts += [_table(rows_, header, left=(0,)) for header, rows_ in summary_tables(val)]
+    parts += _img(figs["normalized"], "normalized accuracy")
+    parts += ["<h2>5. Choosing coefficients from predictions</h2>", *_img(figs["coefficients"], "coefficients")]
+    parts.append(f"<p class=note>Grid search: {c['grid_evaluations']} full evaluations; prediction-chosen: 1. "
+                 f"Gap to the grid-search best: {c['gap_points_global']:+.2f} points (global λ), "
+                 f"{c['gap_points_per_task']:+.2f} points (per-task coefficients).</p>")
+    parts.append(f"<p class=note>Validation wall time {val['wall_time_s']:.0f} s on {html.escape(val['device'])}; "
+                 f"{val['evaluations']} merged models built and evaluated.</p>")
+    return parts

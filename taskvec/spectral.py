@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from .errors import TaskvecError
+from .modelfn import as_batch, eval_mode
 from .stopping import StopDecision, StoppingRule, TrainContext
 
 E = math.e
@@ -384,27 +385,12 @@ class SpectralStopping(StoppingRule):
         if self.predicted is not None:  # resumed run: prediction restored from state
             return
         t0 = time.perf_counter()
-        from .ntk import as_batch, empirical_ntk
-
         model = ctx.model
         sels = self._selections(ctx)
-        batch = as_batch(list(ctx.train_batches()))
-        n_all = batch["input_ids"].shape[0]
-        g = torch.Generator().manual_seed(self.seed)
-        idx = torch.randperm(n_all, generator=g)[: self.max_examples].sort().values
-        sub = {k: v[idx] for k, v in batch.items()}
-        m = len(idx)
+        sub, n_all = self._subsample(ctx)
+        m = sub["input_ids"].shape[0]
         n = int(ctx.num_train or n_all)
-        dev = next(model.parameters()).device
-        with torch.no_grad():
-            was = model.training
-            model.eval()
-            logits = []
-            for a in range(0, m, 64):
-                s = {k: v[a:a + 64].to(dev) for k, v in sub.items()}
-                logits.append(model(s["input_ids"], s["attention_mask"], s.get("token_type_ids")).double().cpu())
-            model.train(was)
-        f0 = torch.cat(logits)
+        f0 = self._theta0_logits(model, sub)
         o = f0.shape[1]
         Y = torch.nn.functional.one_hot(sub["labels"].long(), o).double()
         if ctx.loss == "ce":
@@ -413,27 +399,82 @@ class SpectralStopping(StoppingRule):
         else:
             resid = Y - f0
             loss_scale = 1.0
+        K4, cache = self._theta0_kernel(model, sub, f0, sels)
+        lam, lam_path, coef, r2s, sig, ridge = self._spectrum(K4, resid)
+        R2 = r2s[self.r2]["R2"]
+        sigma = sig["sigma"]
+        opt = (ctx.optimizer or "sgd").lower()
+        alphas, kappa, share = self._step_sizes(ctx, model, sels, opt, loss_scale, lam_path, coef)
+        eta = cumulative_steps(alphas * self.eta_scale)
+        pred = spectral_stopping_step(lam, eta, sigma, math.sqrt(max(R2, 1e-300)), n=n, cumulative=True)
+        by_choice = {}
+        for h, v in r2s.items():
+            if v["R2"] > 0:
+                by_choice[f"r2={h}"] = spectral_stopping_step(lam, eta, sigma, math.sqrt(v["R2"]), n=n,
+                                                              cumulative=True).step
+        self.predicted = pred.step
+        self.info = SpectralSummary(
+            predicted_step=pred.step, predicted_eta=pred.eta, beyond_budget=pred.step is None, sigma=sigma,
+            R2=R2, R2_all={h: v for h, v in r2s.items()}, critical_radius=pred.critical_radius,
+            bound_scale=pred.bound_scale, n_train=n, n_kernel=m, num_outputs=o, kernel=self.kernel, r2=self.r2,
+            loss=ctx.loss, loss_scale=loss_scale, optimizer=opt,
+            adam_mapping=None if opt == "sgd" else self.adam_mapping, adam_kappa=kappa,
+            adam_signal_share=share, eta_scale=self.eta_scale, eigen_top=[float(x) for x in lam[:20]],
+            predicted_step_by_choice=by_choice, seconds=time.perf_counter() - t0, kernel_cache=cache,
+            notes=([f"kernel on a random subsample of {m} of {n} training examples; sums use n = {n}"]
+                   if m < n else []) + ([f"sigma fixed by the user: {self.sigma}"] if self.sigma is not None
+                                        else [f"sigma from 5-fold CV kernel ridge (ridge {ridge:g})"]))
+
+    def _subsample(self, ctx) -> tuple[dict, int]:
+        """The seeded kernel subsample (at most ``max_examples`` training examples, in order) and the number
+        of training examples it was drawn from."""
+        batch = as_batch(list(ctx.train_batches()))
+        n_all = batch["input_ids"].shape[0]
+        g = torch.Generator().manual_seed(self.seed)
+        idx = torch.randperm(n_all, generator=g)[: self.max_examples].sort().values
+        return {k: v[idx] for k, v in batch.items()}, n_all
+
+    @staticmethod
+    def _theta0_logits(model, sub: dict) -> torch.Tensor:
+        """``(m, o)`` float64 logits at θ0 (eval mode, batches of 64), on the CPU."""
+        dev = next(model.parameters()).device
+        m = sub["input_ids"].shape[0]
+        logits = []
+        with torch.no_grad(), eval_mode(model):
+            for a in range(0, m, 64):
+                s = {k: v[a:a + 64].to(dev) for k, v in sub.items()}
+                logits.append(model(s["input_ids"], s["attention_mask"], s.get("token_type_ids")).double().cpu())
+        return torch.cat(logits)
+
+    def _theta0_kernel(self, model, sub: dict, f0: torch.Tensor, sels) -> tuple[torch.Tensor, str | None]:
+        """The full θ0 kernel ``(m, m, o, o)``, from ``cache_dir`` when there (``"hit"``), else computed (and
+        cached: ``"miss"``; no cache: None)."""
+        from .ntk import empirical_ntk
+
         key = self._cache_key(sub, f0, sels)
         path = None if self.cache_dir is None else self.cache_dir / f"spectral-kernel-{key}.safetensors"
         if path is not None and path.exists():
             from safetensors.torch import load_file
 
-            K4 = load_file(str(path))["kernel"]
-            cache = "hit"
-        else:
-            res = empirical_ntk(model, sub, params=sels, output="logits", kernel="full", mode=self.mode,
-                                groups=False, sketch_dim=self.sketch_dim, seed=self.seed, chunk_size=self.chunk_size)
-            K4 = res.kernel
-            cache = None
-            if path is not None:
-                from safetensors.torch import save_file
+            return load_file(str(path))["kernel"], "hit"
+        res = empirical_ntk(model, sub, params=sels, output="logits", kernel="full", mode=self.mode,
+                            groups=False, sketch_dim=self.sketch_dim, seed=self.seed, chunk_size=self.chunk_size)
+        K4 = res.kernel
+        if path is None:
+            return K4, None
+        from safetensors.torch import save_file
 
-                from .io import atomic_file
+        from .io import atomic_file
 
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_file(path) as tmp:
-                    save_file({"kernel": K4.contiguous()}, str(tmp), metadata={"key": key})
-                cache = "miss"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as tmp:
+            save_file({"kernel": K4.contiguous()}, str(tmp), metadata={"key": key})
+        return K4, "miss"
+
+    def _spectrum(self, K4: torch.Tensor, resid: torch.Tensor):
+        """``(λ̂ for the rule, λ̂ along the path, residual coefficients, R² by choice, σ estimate, ridge)``
+        from the θ0 kernel and residual, for ``kernel`` = full or trace."""
+        m, o = resid.shape
         Kfull = K4.permute(0, 2, 1, 3).reshape(m * o, m * o)  # (m·o, m·o), example-major
         Ktr = torch.diagonal(K4, dim1=2, dim2=3).mean(-1)
         sig = ({"sigma": self.sigma, "ridge": None, "cv_mse": None} if self.sigma is not None
@@ -457,39 +498,18 @@ class SpectralStopping(StoppingRule):
                           "share_below_1e-3": float(np.mean([p["share_below_1e-3"] for p in parts]))}
             coef = (Ut.T @ resid.numpy()).T.reshape(-1)  # output-major: (output a, mode i)
             lam_path = np.tile(lt, o)
-        R2 = r2s[self.r2]["R2"]
-        sigma = sig["sigma"]
+        return lam, lam_path, coef, r2s, sig, ridge
+
+    def _step_sizes(self, ctx, model, sels, opt: str, loss_scale: float, lam_path, coef):
+        """``(α_k per step before eta_scale, κ, signal share)`` for the optimiser (see ``adam_mapping``)."""
         lrs = np.array([float(ctx.lr_at(k)) for k in range(ctx.max_steps)])
-        opt = (ctx.optimizer or "sgd").lower()
         kappa = share = None
         if opt == "sgd" or self.adam_mapping == "lr":
-            alphas = lrs * loss_scale
-        else:
-            kappa, share = self._adam_stats(ctx, model, sels)
-            if self.adam_mapping == "init":
-                alphas = lrs * loss_scale * kappa
-            else:
-                alphas = adam_path_steps(lrs, lam_path, coef, kappa, share, self.beta2, loss_scale)
-        alphas = alphas * self.eta_scale
-        eta = cumulative_steps(alphas)
-        pred = spectral_stopping_step(lam, eta, sigma, math.sqrt(max(R2, 1e-300)), n=n, cumulative=True)
-        by_choice = {}
-        for h, v in r2s.items():
-            if v["R2"] > 0:
-                by_choice[f"r2={h}"] = spectral_stopping_step(lam, eta, sigma, math.sqrt(v["R2"]), n=n,
-                                                              cumulative=True).step
-        self.predicted = pred.step
-        self.info = SpectralSummary(
-            predicted_step=pred.step, predicted_eta=pred.eta, beyond_budget=pred.step is None, sigma=sigma,
-            R2=R2, R2_all={h: v for h, v in r2s.items()}, critical_radius=pred.critical_radius,
-            bound_scale=pred.bound_scale, n_train=n, n_kernel=m, num_outputs=o, kernel=self.kernel, r2=self.r2,
-            loss=ctx.loss, loss_scale=loss_scale, optimizer=opt,
-            adam_mapping=None if opt == "sgd" else self.adam_mapping, adam_kappa=kappa,
-            adam_signal_share=share, eta_scale=self.eta_scale, eigen_top=[float(x) for x in lam[:20]],
-            predicted_step_by_choice=by_choice, seconds=time.perf_counter() - t0, kernel_cache=cache,
-            notes=([f"kernel on a random subsample of {m} of {n} training examples; sums use n = {n}"]
-                   if m < n else []) + ([f"sigma fixed by the user: {self.sigma}"] if self.sigma is not None
-                                        else [f"sigma from 5-fold CV kernel ridge (ridge {ridge:g})"]))
+            return lrs * loss_scale, kappa, share
+        kappa, share = self._adam_stats(ctx, model, sels)
+        if self.adam_mapping == "init":
+            return lrs * loss_scale * kappa, kappa, share
+        return adam_path_steps(lrs, lam_path, coef, kappa, share, self.beta2, loss_scale), kappa, share
 
     def _cache_key(self, sub: dict, f0: torch.Tensor, sels) -> str:
         """Hash of what the θ0 kernel depends on (see ``cache_dir``)."""
@@ -528,37 +548,33 @@ class SpectralStopping(StoppingRule):
         ps = [named[nm] for nm in names]
         req = [p.requires_grad for p in ps]
         dev = ps[0].device
-        from .ntk import as_batch
-
         batch = as_batch(list(ctx.train_batches()))
         n = batch["input_ids"].shape[0]
         B = max(1, int(ctx.batch_size))
         g = torch.Generator().manual_seed(self.seed + 1)
-        was = model.training
-        model.eval()  # dropout off: the kernel is taken without dropout too
         grads = []
-        try:
-            for p in ps:
-                p.requires_grad_(True)
-            for _ in range(max(2, self.adam_batches)):
-                idx = torch.randperm(n, generator=g)[:B]
-                s = {k: v[idx].to(dev) for k, v in batch.items()}
-                with torch.enable_grad():
-                    logits = model(s["input_ids"], s["attention_mask"], s.get("token_type_ids"))
-                    y = s["labels"].long()
-                    if ctx.loss == "ce":
-                        loss = torch.nn.functional.cross_entropy(logits.float(), y)
-                    else:
-                        oh = torch.nn.functional.one_hot(y, logits.shape[-1]).to(logits.dtype)
-                        loss = 0.5 * ((logits - oh) ** 2).sum(-1).mean()
-                    gs = torch.autograd.grad(loss, ps, allow_unused=True)
-                flat = torch.cat([(gg if gg is not None else torch.zeros_like(p))[masks[nm]].double().reshape(-1)
-                                  for gg, p, nm in zip(gs, ps, names)])
-                grads.append(flat)
-        finally:
-            for p, r in zip(ps, req):
-                p.requires_grad_(r)
-            model.train(was)
+        with eval_mode(model):  # dropout off: the kernel is taken without dropout too
+            try:
+                for p in ps:
+                    p.requires_grad_(True)
+                for _ in range(max(2, self.adam_batches)):
+                    idx = torch.randperm(n, generator=g)[:B]
+                    s = {k: v[idx].to(dev) for k, v in batch.items()}
+                    with torch.enable_grad():
+                        logits = model(s["input_ids"], s["attention_mask"], s.get("token_type_ids"))
+                        y = s["labels"].long()
+                        if ctx.loss == "ce":
+                            loss = torch.nn.functional.cross_entropy(logits.float(), y)
+                        else:
+                            oh = torch.nn.functional.one_hot(y, logits.shape[-1]).to(logits.dtype)
+                            loss = 0.5 * ((logits - oh) ** 2).sum(-1).mean()
+                        gs = torch.autograd.grad(loss, ps, allow_unused=True)
+                    flat = torch.cat([(gg if gg is not None else torch.zeros_like(p))[masks[nm]].double().reshape(-1)
+                                      for gg, p, nm in zip(gs, ps, names)])
+                    grads.append(flat)
+            finally:
+                for p, r in zip(ps, req):
+                    p.requires_grad_(r)
         G = torch.stack(grads)  # (M, p)
         gbar = G.mean(0)
         v = (G * G).mean(0)

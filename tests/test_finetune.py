@@ -214,3 +214,52 @@ def test_top_level_finetune_is_callable_even_after_the_module_is_imported(tiny_b
     assert taskvec.finetune is mod and callable(taskvec.finetune)
     res = taskvec.finetune(tiny_bert, [toy_task("a")], tmp_path / "r", FinetuneConfig(**FAST), progress=False)
     assert res[0].task == "a"
+
+
+def test_cli_flags_are_generated_from_every_config_field():
+    import argparse
+    from dataclasses import fields
+
+    from taskvec.cli import _add_finetune_args, _finetune_config
+
+    p = argparse.ArgumentParser()
+    _add_finetune_args(p)
+    dests = {a.dest: a for a in p._actions}
+    for f in fields(FinetuneConfig):
+        assert f.name in dests, f"no flag for FinetuneConfig.{f.name}"
+        shown = p._get_formatter()._expand_help(dests[f.name])  # what --help prints
+        assert f.metadata.get("help") and f.metadata["help"] in shown and "(default: " in shown, f.name
+    assert _finetune_config(p.parse_args([])) == FinetuneConfig()
+    # the flag names in use before the flags were generated
+    old = _finetune_config(p.parse_args([
+        "--scope", "lora", "--train-head", "--rslora", "--lora-targets", "query,value", "--lora-r", "4",
+        "--early-stopping", "patience,spectral", "--rule-arg", "spectral.max_examples=256", "--metric",
+        "val_accuracy", "--max-train", "100", "--device", "cpu"]))
+    assert old == FinetuneConfig(scope="lora", train_head=True, use_rslora=True, lora_targets=["query", "value"],
+                                 lora_r=4, early_stopping=["patience", "spectral"], metric="val_accuracy",
+                                 rule_args={"spectral": {"max_examples": 256}}, max_train=100, device="cpu")
+    new = _finetune_config(p.parse_args([
+        "--no-train-head", "--momentum", "0.9", "--grad-clip", "none", "--max-train", "None",
+        "--eval-batch-size", "8", "--probe-C", "0.5", "--lora-dropout", "0.1", "--attn-implementation", "eager",
+        "--label-noise", "0.2", "--test-curve", "--eval-steps", "7,3", "5", "--early-stopping", "none",
+        "--rule-args", '{"patience": {"patience": 3}, "spectral": {"a": 1}}', "--rule-arg", "spectral.a=2"]))
+    assert new == FinetuneConfig(momentum=0.9, grad_clip=None, max_train=None, eval_batch_size=8, probe_C=0.5,
+                                 lora_dropout=0.1, attn_implementation="eager", label_noise=0.2, test_curve=True,
+                                 eval_steps=[3, 5, 7], early_stopping=[],
+                                 rule_args={"patience": {"patience": 3}, "spectral": {"a": 2}})
+    assert _finetune_config(p.parse_args(["--lora-targets", "none", "--probe-c", "2"])).lora_targets is None
+    with pytest.raises(SystemExit):
+        p.parse_args(["--eval-steps", "x"])
+
+
+def test_task_result_repr_and_html():
+    from taskvec.finetune import TaskResult, results_table
+
+    r = TaskResult("sms <spam>", "/x", "patience: no val_loss improvement > 0.0 in 2 evaluations (best 0.1 at "
+                   "step 50)", 50, 100, 0.8, 0.9, 0.3, 0.5, 12.0)
+    text = repr(r)
+    assert "sms <spam>" in text and "80.0% probe -> 90.0% fine-tuned" in text and "best step 50/100" in text
+    assert "(best 0.1 at step 50)" in text
+    h = r._repr_html_()
+    assert h.startswith("<table") and h.count("<tr>") == 2 and "sms &lt;spam&gt;" in h and "step 50)" in h
+    assert "in 2 evaluations (best 0.1 at step 50) |" in results_table([r])  # the whole stop reason

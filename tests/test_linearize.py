@@ -161,3 +161,28 @@ def test_fast_attention_switches_to_sdpa_and_restores_eager():
         fast = f(m, b)
     assert m.backbone.config._attn_implementation == "eager"
     assert torch.allclose(fast, ref, atol=1e-10)
+
+
+def test_linearize_does_not_import_the_kernel_package():
+    """One-way chain ntk -> linearize -> modelfn: importing linearize loads neither taskvec.ntk nor its parts."""
+    import subprocess
+    import sys
+
+    code = ("import sys, taskvec.linearize; "
+            "print(sorted(m for m in sys.modules if m.startswith('taskvec.ntk')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_eval_mode_restores_each_training_flag_even_on_error():
+    from taskvec.modelfn import eval_mode
+
+    a, b = torch.nn.Dropout(), torch.nn.Dropout()
+    b.eval()
+    try:
+        with eval_mode(a, b, a):
+            assert not a.training and not b.training
+            raise RuntimeError("inside")
+    except RuntimeError:
+        pass
+    assert a.training and not b.training

@@ -79,7 +79,7 @@ def test_task_arithmetic_through_engine_is_exact_and_sharded(llamas, tmp_path):
 @pytest.mark.parametrize("small_chunks", [False, True])
 def test_streaming_equals_in_memory(llamas, tmp_path, monkeypatch, method, params, mparams, small_chunks):
     from taskvec.merge import methods as mm
-    from taskvec.merge.engine import _tensor_seed, layer_position
+    from taskvec.merge.params import layer_position, tensor_seed
 
     if small_chunks:  # many chunks per tensor, and the sampled threshold bracket, on tiny tensors
         monkeypatch.setattr(mm, "CHUNK", 100)
@@ -95,7 +95,7 @@ def test_streaming_equals_in_memory(llamas, tmp_path, monkeypatch, method, param
         per = {p.name: [mp.get(p.name, p.default) for mp in mparams] for p in m.params if p.per_model}
         glob = {p.name: params.get(p.name, p.default) for p in m.params if not p.per_model}
         if m.random:
-            glob["seed"] = _tensor_seed(params.get("seed", 0), k)
+            glob["seed"] = tensor_seed(params.get("seed", 0), k)
         w = per.pop("weight")
         delta = m(b, [f[k] - b for f in fts], w, **per, **glob)
         torch.testing.assert_close(got[k], b + delta, rtol=0, atol=0, msg=k)

@@ -362,7 +362,7 @@ def test_batched_engine_falls_back_when_a_layer_is_not_a_plain_linear_map():
 def test_float32_products_match_float64_gram(monkeypatch, kind):
     """float32 models: Gram products in float32 over column blocks, added in float64, agree with a float64
     Gram of the same float32 Jacobian to ~1e-7 (and are not that computation in disguise)."""
-    import taskvec.ntk as N
+    import taskvec.ntk.gram as N
 
     monkeypatch.setattr(N, "_P_BLOCK", 300)  # groups of 1,024 columns: blocks of 300, 300, 300, 124
     m32 = _bert(dtype=torch.float32)
@@ -384,7 +384,7 @@ def test_float32_products_match_float64_gram(monkeypatch, kind):
 
 def test_symmetric_triangle_tiles(monkeypatch):
     """Diagonal blocks computed as tiles i ≤ j (3-row tiles here) equal one product, groups included."""
-    import taskvec.ntk as N
+    import taskvec.ntk.gram as N
 
     x = _inputs(n=7)
     one = empirical_ntk(_bert(), x, kernel="full")
@@ -582,3 +582,11 @@ def test_distributed_two_ranks_equal_single_process(tmp_path, bert):
         assert rel(got["local"], want["exact_trace"]) <= 1e-10
         M = kernel_matrix(got["exact"], "full")
         assert torch.equal(M, M.T)
+
+
+def test_result_repr_summarises_without_tensors(bert):
+    res = empirical_ntk(bert, _inputs(n=3), kernel="trace")
+    r = repr(res)
+    assert r.startswith("NTKResult(") and "trace (3, 3)" in r and "mode=exact" in r
+    assert f"engine={res.info['engine']}" in r and f"schedule={res.info['schedule']}" in r and "tensor" not in r
+    assert "<table>" in res._repr_html_() and "trace (3, 3)" in res._repr_html_()

@@ -53,7 +53,14 @@ def test_pipeline_end_to_end_on_a_tiny_model(tiny_bert, tmp_path):
     run_pipeline(cfg, out, stages=["merge"])
     new = json.loads((out / "stages.json").read_text())
     assert new["merge"] != stages["merge"] and new["finetune"] == stages["finetune"]
-    assert main(["report", str(out)]) == 0
+    # every command that writes refuses an existing output unless --overwrite
+    for cmd in (["report", str(out)], ["validate", str(out)], ["ntk", str(out)]):
+        assert main(cmd) == 2, cmd
+    assert main(["report", str(out), "--overwrite"]) == 0
+    page = (out / "report" / "report.html").read_text()
+    assert "The ntk stage" in page and "decay α [90% CI]" in page  # the ntk stage's spectra reach the report
+    assert "|---|" not in page and page.count("<table>") >= 5  # summary tables as HTML, not raw markdown
+    assert (out / "report" / "ntk_spectrum.png").is_file()
 
 
 def test_cli_errors_are_one_line(capsys, tmp_path):

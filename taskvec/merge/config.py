@@ -20,7 +20,6 @@ rule whose filter occurs in the tensor name winning (mergekit's semantics).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -283,35 +282,39 @@ def load_config(config: str | os.PathLike | dict | MergeConfig, **overrides) -> 
 
 
 def _expand_run(cfg: MergeConfig, raw: dict, root: Path | None) -> None:
-    run = Path(_resolve_path(str(raw["run"]), root))
-    info_path = run / "run.json"
-    if not info_path.is_file():
-        raise MergeError(f"run directory {run}: no run.json")
-    info = json.loads(info_path.read_text())
-    cfg.run = str(run)
-    cfg.base_model = _resolve_path(str(raw.get("base_model") or info["base_model"]), root)
-    tasks = raw.get("tasks") or info.get("tasks") or []
+    """Fill ``cfg``'s base and inputs from a taskvec run (read through :class:`taskvec.runs.Run`): per
+    task its vector (``source: vectors``) or fine-tuned model (``models``; ``auto``: the vector when
+    extracted), with the task's head."""
+    from ..runs import RunError, open_run
+
+    try:
+        run = open_run(_resolve_path(str(raw["run"]), root), require="run")
+    except RunError as e:
+        raise MergeError(f"run directory: {e}") from None
+    cfg.run = str(run.root)
+    cfg.base_model = _resolve_path(str(raw.get("base_model") or run.base_model), root)
+    tasks = raw.get("tasks") or run.names
     per_task = tasks if isinstance(tasks, dict) else {t: {} for t in tasks}
-    known = list(info.get("tasks") or [])
     source = raw.get("source", "auto")
     if source not in ("auto", "vectors", "models"):
         raise MergeError(f"source {source!r}: valid: auto, vectors, models")
     for task, params in per_task.items():
-        if known and task not in known:
-            raise MergeError(f"task {task!r} is not in run {run}; its tasks: {', '.join(known)}")
-        vec = run / "vectors" / f"{task}.safetensors"
-        mdl = run / "finetune" / task / "model"
+        if task not in run.tasks:
+            raise MergeError(f"task {task!r} is not in run {run.root}; its tasks: {', '.join(run.names)}")
+        rt = run.task(task)
+        vec = run.vector_path(task)
         if source == "vectors" or (source == "auto" and vec.is_file()):
-            path = vec
+            path = vec if vec.is_file() else None
         else:
-            path = mdl
-        if not path.exists():
-            raise MergeError(f"run {run}: task {task!r} has neither {vec} nor {mdl}")
-        head = run / "finetune" / task
+            path = rt.model_dir
+        if path is None:
+            raise MergeError(f"run {run.root}: task {task!r} has neither a task vector ({vec}) nor a "
+                             "fine-tuned model directory")
+        head = rt.head_dir
         cfg.models.append(ModelSpec(str(path), task, dict((params or {}).get("parameters", params) or {}),
-                                    str(head) if (head / "head.safetensors").is_file() else None))
+                                    str(head) if head is not None and (head / "head.safetensors").is_file() else None))
     if not cfg.models:
-        raise MergeError(f"run {run}: no tasks to merge")
+        raise MergeError(f"run {run.root}: no tasks to merge")
 
 
 def _validate(cfg: MergeConfig) -> None:

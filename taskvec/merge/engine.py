@@ -29,11 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import mmap
-import re
 import shutil
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,16 +40,13 @@ import torch
 
 from ..errors import ShapeMismatchError
 from ..io import atomic_dir, check_output
-from .config import DTYPES, VECTOR_FORMAT, MergeConfig, dump_yaml, evaluate, load_config, to_mergekit
+from .checkpoint import FLOATS, ST_DTYPES, Checkpoint, check_finite, is_buffer
+from .config import DTYPES, VECTOR_FORMAT, MergeConfig, dump_yaml, load_config, to_mergekit
 from .lora import LoraAdapter, factorize, write_adapter
 from .methods import MergeError
+from .params import LAYER_INDEX, expand, layer_position
+from .writer import ShardWriter
 
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
-ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
-FLOATS = {"F64", "F32", "F16", "BF16"}
-BUFFER_SUFFIXES = ("position_ids", "inv_freq", ".attn.masked_bias", ".attn.bias", "token_type_ids")
 COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model",
               "spiece.model", "added_tokens.json", "chat_template.jinja", "chat_template.json")
@@ -60,107 +54,6 @@ EMBED_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "embed_out", "share
 
 
 # --- reading ------------------------------------------------------------------------------------------
-
-
-class Checkpoint:
-    """Lazy safetensors tensors of a model directory (single file or sharded) or of one file.
-
-    ``info`` maps tensor name → (shape, safetensors dtype string), read from the headers only. Tensors
-    are read with plain ``readinto`` into fresh tensors (no memory map), so resident memory holds only
-    the tensors in use, not the pages of every input file touched so far.
-    """
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self.where: dict[str, Path] = {}
-        self.info: dict[str, tuple[tuple[int, ...], str]] = {}
-        self.metadata: dict[str, str] = {}
-        self._offsets: dict[str, tuple[int, int]] = {}
-        index_path = self.path / "model.safetensors.index.json"
-        weight_map = None
-        if self.path.is_file():
-            files = [self.path]
-        elif index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise MergeError(f"{index_path}: not a safetensors index ({e})") from None
-            files = sorted({self.path / f for f in weight_map.values()})
-            for f in files:
-                if not f.is_file():
-                    raise MergeError(f"missing shard {f.name}: listed in {index_path} but not found in {self.path}")
-        elif (self.path / "model.safetensors").is_file():
-            files = [self.path / "model.safetensors"]
-        elif self.path.is_dir() and any(self.path.glob("*.bin")):
-            raise MergeError(f"{self.path}: only safetensors checkpoints are read; convert the .bin files "
-                             "(load and save_pretrained with safe_serialization=True)")
-        else:
-            raise MergeError(f"{self.path}: not found, or no model.safetensors / model.safetensors.index.json")
-        for f in files:
-            self._read_header(f)
-        if weight_map is not None:
-            for k, f in weight_map.items():
-                if k not in self.info:
-                    raise MergeError(f"{index_path} lists tensor {k!r} in {f}, which does not contain it")
-
-    def _read_header(self, f: Path) -> None:
-        size = f.stat().st_size
-        try:
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                if n <= 0 or 8 + n > size:
-                    raise ValueError(f"header length {n} does not fit a file of {size} bytes")
-                header = json.loads(fh.read(n))
-            start = 8 + n
-            for k, v in header.items():
-                if k == "__metadata__":
-                    if not self.metadata:
-                        self.metadata = dict(v or {})
-                    continue
-                a, b = v["data_offsets"]
-                shape, dt = tuple(int(x) for x in v["shape"]), v["dtype"]
-                nbytes = math.prod(shape) * torch.empty((), dtype=ST_DTYPES[dt]).element_size()
-                if not (0 <= a <= b and b - a == nbytes and start + b <= size):
-                    raise ValueError(f"tensor {k!r}: offsets {a}..{b} do not fit dtype {dt} shape {list(shape)}")
-                self.where[k], self.info[k], self._offsets[k] = f, (shape, dt), (start + a, start + b)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise MergeError(f"cannot read safetensors file {f} (corrupted header?): {e}") from None
-
-    def get(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` as a CPU tensor over a private memory map of its bytes alone.
-
-        Nothing is copied until it is used; the map (copy-on-write, so in-place operations never
-        touch the file) is released with the tensor, so resident memory stays near the tensors in use.
-        """
-        shape, dt = self.info[name]
-        a, b = self._offsets[name]
-        dtype = ST_DTYPES[dt]
-        if b == a:
-            return torch.empty(shape, dtype=dtype)
-        start = a - a % mmap.ALLOCATIONGRANULARITY
-        try:
-            with open(self.where[name], "rb") as fh:
-                m = mmap.mmap(fh.fileno(), b - start, offset=start, flags=mmap.MAP_PRIVATE,
-                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        except (OSError, ValueError) as e:
-            raise MergeError(f"cannot read tensor {name!r} from {self.where[name]}: {e}") from None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            flat = torch.frombuffer(m, dtype=torch.uint8, offset=a - start, count=b - a)
-        return flat.view(dtype).view(shape)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.info[name][0]
-
-
-def _check_finite(t: torch.Tensor, name: str, where) -> None:
-    s = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
-    if not torch.isfinite(s) and not bool(torch.isfinite(t).all()):
-        raise MergeError(f"tensor {name!r} in {where} contains NaN or Inf")
-
-
-def _is_buffer(name: str, dtype: str) -> bool:
-    return dtype not in FLOATS or name.endswith(BUFFER_SUFFIXES)
 
 
 def _top(name: str) -> str:
@@ -214,14 +107,14 @@ class _Input:
         """
         if name in self.lora:
             d = self.adapter.delta(self.lora[name]).to(base.device, base.dtype)
-            _check_finite(d, self.lora[name], self.path)
+            check_finite(d, self.lora[name], self.path)
             return d
         key = self.keys.get(name)
         if key is None:
             return None
         x = self.ckpt.get(key)
         if check:
-            _check_finite(x, key, self.ckpt.where[key])
+            check_finite(x, key, self.ckpt.where[key])
         if self.kind == "vector":
             return x.to(base.device, base.dtype)
         if x.dtype == base.dtype:
@@ -232,7 +125,7 @@ class _Input:
         """Raise naming the file and tensor if this input's tensor for ``name`` has NaN/Inf."""
         if name in self.keys:
             key = self.keys[name]
-            _check_finite(self.ckpt.get(key), key, self.ckpt.where[key])
+            check_finite(self.ckpt.get(key), key, self.ckpt.where[key])
 
 
 def _kind(path: Path) -> str:
@@ -312,11 +205,11 @@ def _open_input(spec, base: Checkpoint, base_dir: Path, base_cfg: dict, allow_to
         b = _map(short, mapping)
         dtype = inp.ckpt.info[key][1]
         if b in base.info:
-            if _is_buffer(b, base.info[b][1]) or _is_buffer(b, dtype):
+            if is_buffer(b, base.info[b][1]) or is_buffer(b, dtype):
                 continue
             _check_shape(b, base, inp.ckpt.shape(key), str(inp.ckpt.where[key]), base_dir)
             inp.keys[b] = key
-        elif _is_buffer(short, dtype):
+        elif is_buffer(short, dtype):
             continue
         elif kind != "vector" and _top(b) not in base_tops:
             inp.heads[short] = key
@@ -325,7 +218,7 @@ def _open_input(spec, base: Checkpoint, base_dir: Path, base_cfg: dict, allow_to
                              f"(looked for {b!r}): the models' tensor names differ")
     if kind == "model":
         add = mapping[1]
-        missing = [n for n in base_names if n not in inp.keys and not _is_buffer(n, base.info[n][1])
+        missing = [n for n in base_names if n not in inp.keys and not is_buffer(n, base.info[n][1])
                    and n.startswith(add)]
         if missing:
             raise MergeError(f"{path} lacks {len(missing)} tensor(s) of the base {base_dir}, e.g. {missing[0]!r}: "
@@ -367,25 +260,10 @@ def plan(cfg: MergeConfig) -> _Plan:
     base_cfg = _read_json(base_dir / "config.json")
     inputs = [_open_input(s, base, base_dir, base_cfg, cfg.allow_different_tokenizers) for s in cfg.models]
     names = list(base.info)
-    merge = {n for n in names if not _is_buffer(n, base.info[n][1])}
-    layers = [int(m.group(1)) for n in names if (m := _LAYER.search(n))]
+    merge = {n for n in names if not is_buffer(n, base.info[n][1])}
+    layers = [int(m.group(1)) for n in names if (m := LAYER_INDEX.search(n))]
     num_layers = base_cfg.get("num_hidden_layers") or (max(layers) + 1 if layers else 1)
     return _Plan(cfg, base_dir, base, inputs, names, merge, num_layers)
-
-
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-
-
-def layer_position(name: str, num_layers: int) -> float:
-    """t ∈ [0, 1] for gradients: layer i of L gives i/(L−1); embeddings 0; other non-layer tensors 1."""
-    m = _LAYER.search(name)
-    if m:
-        return int(m.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
-    return 0.0 if any(h in name for h in ("embed", "wte", "wpe")) and "lm_head" not in name else 1.0
-
-
-def _tensor_seed(seed: int, name: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:6], "little")
 
 
 # --- merging --------------------------------------------------------------------------------------------
@@ -417,7 +295,7 @@ def merged_tensors(p: _Plan, device: str = "cpu", dtype: torch.dtype | None = No
                                   out_dtype=dtype or raw.dtype, return_delta=return_delta)
             continue
         if method.drops:
-            _check_finite(raw, name, p.base.where[name])
+            check_finite(raw, name, p.base.where[name])
         work_dtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
         base = raw.to(device, work_dtype)
         t = layer_position(name, p.num_layers)
@@ -425,7 +303,7 @@ def merged_tensors(p: _Plan, device: str = "cpu", dtype: torch.dtype | None = No
         for inp in p.inputs:
             d = inp.delta(name, base, check=method.drops)
             deltas.append(d if d is not None else torch.zeros_like(base))
-        weights, per_model, params = _evaluated(p, name, t, model_params, global_params)
+        weights, per_model, params = expand(p.cfg.method_def, name, t, model_params, global_params)
         delta = method(base, deltas, weights, **per_model, **params)
         del deltas
         if return_delta:
@@ -435,27 +313,11 @@ def merged_tensors(p: _Plan, device: str = "cpu", dtype: torch.dtype | None = No
         if not method.drops:  # NaN/Inf in any input reaches the result: check once, then find it
             s = out.sum(dtype=torch.float64 if out.dtype == torch.float64 else torch.float32)
             if not torch.isfinite(s) and not bool(torch.isfinite(out).all()):
-                _check_finite(raw, name, p.base.where[name])
+                check_finite(raw, name, p.base.where[name])
                 for inp in p.inputs:
                     inp.check(name)
                 raise MergeError(f"merging tensor {name!r} produced NaN/Inf (overflow?)")
         yield name, out.to("cpu", dtype or raw.dtype)
-
-
-def _evaluated(p: _Plan, name: str, t: float, model_params, global_params):
-    """(weights, per-model params as lists, global params) of the method for tensor ``name``."""
-    method = p.cfg.method_def
-    per_model = {}
-    for mp in model_params:
-        for k, setting in mp.items():
-            v = evaluate(setting, name, t)
-            per_model.setdefault(k, []).append(method.param(k).default if v is None else v)
-    weights = per_model.pop("weight")
-    params = {k: (method.param(k).default if (v := evaluate(s, name, t)) is None else v)
-              for k, s in global_params.items()}
-    if "seed" in params:
-        params["seed"] = _tensor_seed(params["seed"], name)
-    return weights, per_model, params
 
 
 def _streamed(p: _Plan, name: str, raw: torch.Tensor, model_params, global_params, t: float, out_dtype,
@@ -472,7 +334,7 @@ def _streamed(p: _Plan, name: str, raw: torch.Tensor, model_params, global_param
     CHUNK = methods.CHUNK
 
     method = p.cfg.method_def
-    weights, per_model, params = _evaluated(p, name, t, model_params, global_params)
+    weights, per_model, params = expand(p.cfg.method_def, name, t, model_params, global_params)
     work = torch.float64 if raw.dtype == torch.float64 else torch.float32
     n = raw.numel()
     bflat = raw.reshape(-1)
@@ -579,90 +441,6 @@ def _locate_nonfinite(p: _Plan, name, raw, xs, labels, a, b):
             raise MergeError(f"tensor {label[0]!r} in {label[1]} contains NaN or Inf")
 
 
-class _ShardWriter:
-    """Writes tensors, in a fixed planned order, straight into safetensors shard files.
-
-    Shard headers are written first (names, dtypes, shapes are known from the plan), then each tensor's
-    bytes as it arrives, so no shard is held in memory.
-    """
-
-    def __init__(self, out_dir: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]], shard_size: int):
-        self.out_dir = out_dir
-        shards, cur, size = [], [], 0
-        for name, shape, dt in specs:
-            nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
-            if cur and size + nbytes > shard_size:
-                shards.append(cur)
-                cur, size = [], 0
-            cur.append((name, shape, dt, nbytes))
-            size += nbytes
-        if cur or not shards:
-            shards.append(cur)
-        n = len(shards)
-        self.files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self.order = [(name, shape, dt, i) for i, s in enumerate(shards) for name, shape, dt, _ in s]
-        self.shards = shards
-        self.pos = 0
-        self.fh = None
-        self._pool = ThreadPoolExecutor(max_workers=1)  # writes overlap the next tensor's merge
-        self._pending = None
-        self.cur_shard = -1
-        self.total = sum(nb for s in shards for *_, nb in s)
-
-    def _start(self, i: int) -> None:
-        if self.fh is not None:
-            self.fh.close()
-        header, off = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape, dt, nb in self.shards[i]:
-            header[name] = {"dtype": ST_NAMES[dt], "shape": list(shape), "data_offsets": [off, off + nb]}
-            off += nb
-        hb = json.dumps(header, separators=(",", ":")).encode()
-        hb += b" " * (-len(hb) % 8)
-        self.fh = open(self.out_dir / self.files[i], "wb")
-        self.fh.write(len(hb).to_bytes(8, "little") + hb)
-        self.cur_shard = i
-
-    def write(self, name: str, t: torch.Tensor) -> None:
-        exp_name, shape, dt, shard = self.order[self.pos]
-        if name != exp_name or tuple(t.shape) != tuple(shape) or t.dtype != dt:
-            raise MergeError(f"internal: expected {exp_name} {shape} {dt}, got {name} {tuple(t.shape)} {t.dtype}")
-        self._wait()
-        if shard != self.cur_shard:
-            self._start(shard)
-        if t.numel():
-            data = t.detach().contiguous().view(-1).view(torch.uint8).numpy()
-            self._pending = self._pool.submit(self.fh.write, data)  # at most one tensor in flight
-        self.pos += 1
-
-    def _wait(self) -> None:
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
-
-    def abort(self) -> None:
-        """Stop after a failure: let the write in flight finish, close the file."""
-        try:
-            self._wait()
-        except Exception:
-            pass
-        self._pool.shutdown()
-        if self.fh is not None:
-            self.fh.close()
-
-    def close(self) -> None:
-        self._wait()
-        self._pool.shutdown()
-        while self.cur_shard < len(self.shards) - 1:  # empty trailing shards (only if nothing was planned)
-            self._start(self.cur_shard + 1)
-        if self.fh is not None:
-            self.fh.close()
-        if self.pos != len(self.order):
-            raise MergeError(f"internal: wrote {self.pos} of {len(self.order)} tensors")
-        weight_map = {name: self.files[i] for name, _, _, i in self.order}
-        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
-        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
 @dataclass
 class MergeResult:
     """What :func:`merge` did (also written as ``OUT/merge_config.yaml``)."""
@@ -732,7 +510,7 @@ def merge(config, out, overwrite: bool = False, device: str = "cpu", dtype: str 
                 if out_dtype is not None and st in FLOATS:
                     dt = out_dtype
                 specs.append((name, shape, dt))
-            writer = _ShardWriter(tmp, specs, cfg.shard_size)
+            writer = ShardWriter(tmp, specs, cfg.shard_size)
             try:
                 for name, tensor in merged_tensors(p, device, out_dtype, progress=bar):
                     writer.write(name, tensor)
@@ -802,3 +580,4 @@ def _write_lora(p: _Plan, dest: Path, device, out_dtype, bar) -> int:
 
 
 __all__ = ["Checkpoint", "MergeResult", "align", "merge", "merged_tensors", "plan"]
+

@@ -1,0 +1,1 @@
+"""Pipeline stages: each reads a run through taskvec.runs."""

@@ -1,0 +1,100 @@
+"""What every validation phase works on: the run's θ0 task models around one shared backbone, the
+evaluation and kernel batches, the task vectors, and a counter of full evaluations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import TaskvecError
+from ..linearize import forward_outputs
+from ..runs import Run
+
+
+def add_deltas(a: dict, b: dict, cb: float = 1.0) -> dict:
+    """``a + cb·b`` over the union of tensor names."""
+    out = {k: v.clone() for k, v in a.items()}
+    for k, v in b.items():
+        out[k] = out[k] + cb * v if k in out else cb * v
+    return out
+
+
+def scale_deltas(a: dict, c: float) -> dict:
+    return {k: c * v for k, v in a.items()}
+
+
+class SharedBackbone:
+    """One backbone shared by every task model, whose scope tensors can be set to θ0 + Δ and restored
+    exactly (``set(None)``)."""
+
+    def __init__(self, backbone, names):
+        self.bb = backbone
+        self.params = dict(backbone.named_parameters())
+        missing = [k for k in names if k not in self.params]
+        if missing:
+            raise TaskvecError(f"task vectors name tensors the base model does not have: {missing[:5]}")
+        self.orig = {k: self.params[k].detach().clone() for k in names}
+
+    @torch.no_grad()
+    def set(self, delta: dict | None):
+        for k, v in self.orig.items():
+            self.params[k].copy_(v)
+        for k, d in (delta or {}).items():
+            self.params[k].add_(d.to(self.params[k].device, self.params[k].dtype))
+
+
+@dataclass
+class Context:
+    """In-memory inputs of a validation (built by :func:`load_context`; nothing here is saved).
+
+    ``models[t]``: θ0 task model of task t (the shared backbone + t's head); ``eval_batches[t]`` its seeded
+    test subset, ``kernel_batches[t]`` its seeded training subset (eNTK inputs); ``keys``: the tensors the
+    task vectors change; ``base_state``: their θ0 values (CPU).
+    """
+
+    run: Run
+    names: list[str]
+    device: torch.device
+    vectors: dict
+    models: dict
+    eval_batches: dict
+    kernel_batches: dict
+    keys: list[str]
+    shared: SharedBackbone
+    base_state: dict
+    evaluations: int = 0
+    sum_tau: dict = field(default_factory=dict)
+
+    def measure(self, delta: dict | None) -> dict[str, torch.Tensor]:
+        """Logits ``(n_s, o_s)`` of every task s on its evaluation subset at θ0 + ``delta`` (one full
+        evaluation, counted in :attr:`evaluations`)."""
+        self.shared.set(delta)
+        res = {s: forward_outputs(self.models[s], self.eval_batches[s], self.device)[0].float() for s in self.names}
+        self.shared.set(None)
+        self.evaluations += 1
+        return res
+
+
+def load_context(run: Run, n_eval: int, n_kernel: int, device) -> Context:
+    """θ0 task models, batches and task vectors of ``run`` for validation (see :class:`Context`)."""
+    names = run.names
+    if len(names) < 2:
+        raise TaskvecError(f"{run.root}: validation needs at least two tasks, found {names}")
+    vectors = run.vectors(names)
+    bb = run.backbone(device)
+    keys = sorted(set().union(*[v.deltas for v in vectors.values()]))
+    shared = SharedBackbone(bb, keys)
+    base_state = {k: shared.orig[k].cpu() for k in keys}
+    models = {t: run.base_task_model(t, backbone=bb).to(device) for t in names}
+    eval_batches = {t: run.eval_batches(t, n_eval) for t in names}
+    kernel_batches = {t: run.kernel_batches(t, n_kernel) for t in names}
+    tvs = [vectors[t] for t in names]
+    sum_tau = {k: sum(v.deltas[k].float() for v in tvs if k in v.deltas) for k in keys}
+    return Context(run, names, device, vectors, models, eval_batches, kernel_batches, keys, shared, base_state,
+                   sum_tau=sum_tau)
+
+
+def kernel_scope(run: Run, keys: list[str]) -> str:
+    """The eNTK's parameter selection: the run's scope, or exactly the adapted tensors for LoRA runs."""
+    return run.scope if run.scope != "lora" else "re:" + "|".join(k.replace(".", r"\.") for k in keys)

@@ -1,0 +1,127 @@
+"""Phase 2: directional derivatives of every task's outputs at θ0 along every merge direction, and the
+predictions (with their trust band) built from them.
+
+Task-arithmetic merges θ0 + Σ_t α_t τ_t are linear in the α's to first order, so one batched JVP per task
+over all τ_t predicts every coefficient setting; the second-order term along Σ τ (float64 central
+differences) scales with λ². Other methods (TIES, TSV, the NTK-aware merges) cost their own direction.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..interference import trust_band
+from ..linearize import Directional, accuracy, directional_outputs, relative_linearisation_error
+from .context import Context
+
+
+@dataclass
+class Derivatives:
+    """Result of :func:`derivative_phase` (in memory).
+
+    ``D[s]``: task s's :class:`~taskvec.linearize.Directional` on its evaluation subset — ``f0`` ``(n, o)``,
+    ``labels``, ``jvps[d]`` = J·Δ_d and ``hvps[d]`` = ½·D²f[Δ_d, Δ_d] (both ``(n, o)``) for the directions
+    ``tau:<t>`` (first order only), ``sum`` (Σ τ) and every other merge's own direction.
+    """
+
+    names: list[str]
+    D: dict[str, Directional]
+    second_order: bool
+    seconds: float = 0.0
+
+    def ta_terms(self, coefs: dict[str, float]) -> tuple[dict, dict | None]:
+        """J·Δ and ½·D²f[Δ, Δ] of θ0 + Σ_t c_t τ_t per task: first order exact in every coefficient; the
+        second-order term is ½·c̄²·D²f[Στ, Στ] (c̄ = mean coefficient: exact for a global λ, the
+        along-the-sum approximation for per-task coefficients)."""
+        first = {s: sum(c * self.D[s].jvps[f"tau:{t}"] for t, c in coefs.items()) for s in self.names}
+        if not (self.second_order and "sum" in self.D[self.names[0]].hvps):
+            return first, None
+        cbar = float(np.mean(list(coefs.values())))
+        return first, {s: 0.5 * cbar ** 2 * self.D[s].hvps["sum"] for s in self.names}
+
+    def merge_terms(self, name: str, lam: float = 1.0) -> tuple[dict, dict | None]:
+        """J·(λΔ) and ½·D²f[λΔ, λΔ] along a merge's own direction ``name``."""
+        first = {s: lam * self.D[s].jvps[name] for s in self.names}
+        has2 = name in self.D[self.names[0]].hvps
+        half = {s: 0.5 * lam ** 2 * self.D[s].hvps[name] for s in self.names} if has2 else None
+        return first, half
+
+
+def derivative_phase(ctx: Context, second_dirs: dict[str, dict], second_order: bool = True,
+                     progress: bool = True) -> Derivatives:
+    """One batched JVP per task along every τ_t, and first + second order along each of ``second_dirs``
+    (``{name: Δ}``; ``sum`` = Σ τ and the non-task-arithmetic merges)."""
+    from tqdm.auto import tqdm
+
+    tick = time.time()
+    dir_specs = {f"tau:{t}": ctx.vectors[t].deltas for t in ctx.names}
+    D: dict[str, Directional] = {}
+    for s in tqdm(ctx.names, desc="linearised predictions", disable=not progress):
+        d1 = directional_outputs(ctx.models[s], ctx.eval_batches[s], dir_specs, device=ctx.device)
+        d2 = directional_outputs(ctx.models[s], ctx.eval_batches[s], second_dirs, second_order=second_order,
+                                 device=ctx.device)
+        d1.jvps.update(d2.jvps)
+        d1.hvps.update(d2.hvps)
+        D[s] = d1
+    return Derivatives(list(ctx.names), D, second_order, time.time() - tick)
+
+
+@dataclass
+class Scorer:
+    """Scores predictions against measurements, per task (see :meth:`record`).
+
+    ``base_logits[s]`` ``(n, o)`` = f0, ``labels[s]`` ``(n,)``, ``base_acc`` / ``ft_acc``: accuracies (0–1) of
+    θ0 and of the fine-tuned model on the same evaluation subset; ``max_uncertainty`` in accuracy points.
+    """
+
+    names: list[str]
+    base_logits: dict[str, torch.Tensor]
+    labels: dict[str, torch.Tensor]
+    base_acc: dict[str, float]
+    ft_acc: dict[str, float] = field(default_factory=dict)
+    max_uncertainty: float = 1.0
+
+    @classmethod
+    def from_derivatives(cls, der: Derivatives, max_uncertainty: float) -> Scorer:
+        D = der.D
+        return cls(der.names, {s: D[s].f0 for s in der.names}, {s: D[s].labels for s in der.names},
+                   {s: accuracy(D[s].f0, D[s].labels) for s in der.names}, max_uncertainty=max_uncertainty)
+
+    def entry(self, s: str, first: torch.Tensor, half_second: torch.Tensor | None, measured: torch.Tensor) -> dict:
+        """Task s's prediction from J·Δ (and ½·D²f[Δ, Δ]) against its measured logits, with the trust band.
+
+        Keys: ``base``, ``predicted_1st``, ``predicted_2nd``, ``predicted`` (the headline: second order when
+        given), ``measured``, ``finetuned`` (accuracies 0–1), ``lin_error`` / ``lin_error_2nd`` (relative
+        linearisation errors), ``curvature``, ``uncertainty`` (points), ``trusted``, ``normalized_*``.
+        """
+        f_true, f0, y = measured, self.base_logits[s], self.labels[s]
+        p1 = f0 + first
+        ft = self.ft_acc.get(s)
+        e = {"base": self.base_acc[s], "predicted_1st": accuracy(p1, y), "measured": accuracy(f_true, y),
+             "lin_error": relative_linearisation_error(f_true, f0, p1), "finetuned": ft}
+        if half_second is not None:
+            p2 = p1 + half_second
+            e["predicted_2nd"] = accuracy(p2, y)
+            e["lin_error_2nd"] = relative_linearisation_error(f_true, f0, p2)
+            e.update(trust_band(first, half_second, p2, self.max_uncertainty))
+            e["predicted"] = e["predicted_2nd"]
+        else:
+            e.update({"curvature": None, "uncertainty": None, "trusted": False})
+            e["predicted"] = e["predicted_1st"]
+        e["normalized_measured"] = e["measured"] / ft if ft else None
+        e["normalized_predicted"] = e["predicted"] / ft if ft else None
+        return e
+
+    def record(self, first: dict, half_second: dict | None, measured: dict) -> dict:
+        """:meth:`entry` for every task: ``{task: entry}``."""
+        return {s: self.entry(s, first[s], None if half_second is None else half_second[s], measured[s])
+                for s in self.names}
+
+    def predicted_avg(self, first: dict, half_second: dict | None) -> float:
+        """Predicted average normalised accuracy (no measurement)."""
+        return float(np.mean([accuracy(self.base_logits[s] + first[s] + (half_second[s] if half_second else 0),
+                                       self.labels[s]) / self.ft_acc[s] for s in self.names]))
