@@ -380,3 +380,12 @@ def test_cuda_merge_equals_cpu(llamas, tmp_path, method, params, mparams):
     for k in a:
         err = float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12))
         assert err <= tol, (k, err)
+
+
+def test_merge_result_repr_is_a_summary(llamas, tmp_path):
+    root, base, _ = llamas
+    res = merge(_cfg(root, "ties", {"density": 0.5}), tmp_path / "out", show_progress=False)
+    text = repr(res)
+    assert text.startswith("MergeResult(ties of 3 inputs [") and f"{len(base)} tensors merged" in text
+    assert "tensor(" not in text and len(text) < 400
+    assert "<table>" in res._repr_html_() and res._repr_html_().count("<tr>") == 4

@@ -453,6 +453,21 @@ class MergeResult:
     heads: list[str]
     seconds: float
 
+    def __repr__(self) -> str:
+        names = ", ".join(i["name"] for i in self.inputs)
+        heads = f", heads: {', '.join(self.heads)}" if self.heads else ""
+        return (f"MergeResult({self.method} of {len(self.inputs)} inputs [{names}] -> {self.out_dir}: "
+                f"{self.tensors_merged} tensors merged, {self.tensors_copied} copied{heads}; {self.seconds:.1f} s)")
+
+    def _repr_html_(self) -> str:
+        import html
+
+        rows = "".join(f"<tr><td>{html.escape(i['name'])}</td><td>{html.escape(i['kind'])}</td>"
+                       f"<td>{html.escape(i['path'])}</td></tr>" for i in self.inputs)
+        return (f"<p><b>{html.escape(self.method)}</b> → <code>{html.escape(self.out_dir)}</code>: "
+                f"{self.tensors_merged} tensors merged, {self.tensors_copied} copied, {self.seconds:.1f} s</p>"
+                f"<table><tr><th>input</th><th>kind</th><th>path</th></tr>{rows}</table>")
+
 
 def _torch_dtype(name: str | None) -> torch.dtype | None:
     return None if name is None else getattr(torch, DTYPES[name])
