@@ -125,6 +125,9 @@ class FinetuneConfig:
         "help": "extra evaluation steps besides every eval_every", "metavar": "STEP"})
 
     def __post_init__(self):
+        from .scopes import check_scope
+
+        check_scope(self.scope)  # a bad scope fails here, before any output exists
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.loss not in ("ce", "mse"):
@@ -496,7 +499,6 @@ def finetune(base, tasks, out, config: FinetuneConfig | None = None, overwrite: 
         raise TaskvecError(f"duplicate task names: {names}")
     from .runs import finished_log, read_description, run_file, stage_path, task_dir
 
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"base_model": str(resolve_model(base)), "scope": config.scope, "tasks": names,
             "config": asdict(config)}
     old = None if overwrite else read_description(out)
@@ -507,6 +509,7 @@ def finetune(base, tasks, out, config: FinetuneConfig | None = None, overwrite: 
             raise TaskvecError(f"{out} holds a run with another base model or configuration; use a new "
                                "output directory or overwrite=True (--overwrite)")
         meta["tasks"] = list(dict.fromkeys(old.get("tasks", []) + names))
+    out.mkdir(parents=True, exist_ok=True)  # only once the tasks, the model and the config are known good
     write_json(run_file(out), meta)
     results = []
     for t in tasks:

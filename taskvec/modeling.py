@@ -141,17 +141,36 @@ def is_decoder(config) -> bool:
         "gemma2", "olmo", "smollm3", "falcon"}
 
 
+def check_weights(path: Path, allow_pickle: bool = False) -> bool:
+    """Whether the model directory ``path`` holds safetensors weights; with only pickle weights
+    (``pytorch_model.bin``, ``*.pt``) a :class:`ModelError` that says how to convert them, unless
+    ``allow_pickle`` (then ``False`` is returned and transformers loads them with ``weights_only=True``)."""
+    path = Path(path)
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        return True
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if not pickles:
+        raise ModelError(f"{path}: no weights (expected model.safetensors or model.safetensors.index.json)")
+    if not allow_pickle:
+        raise ModelError(f"{path}: only pickle weights ({', '.join(pickles)}); taskvec reads safetensors. Convert "
+                         "once: AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True) (or, in Python, "
+                         "load_backbone(dir, allow_pickle=True) loads them with torch.load(weights_only=True))")
+    return False
+
+
 def load_backbone(name_or_path, *, dtype=torch.float32, attn_implementation: str | None = "eager",
-                  trust_remote_code: bool = False):
+                  trust_remote_code: bool = False, allow_pickle: bool = False):
     """Load a base model's backbone (``AutoModel``) in ``dtype``.
 
     Eager attention is the default: forward-mode AD (JVPs, used by the kernels and predictions) has no
     rule for the fused SDPA kernels. Pass ``attn_implementation="sdpa"`` for speed when no JVP is needed.
+    Pickle checkpoints are refused (:func:`check_weights`) unless ``allow_pickle``.
     """
     from transformers import AutoModel
 
     path = resolve_model(name_or_path)
-    kw = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    safe = check_weights(path, allow_pickle)
+    kw = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": safe}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
     with quiet_transformers():  # no "Loading weights" bar, no load report (e.g. an unused pooler)
@@ -210,6 +229,40 @@ class LinearHead(nn.Module):
         return self.linear(pooled)
 
 
+_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": nn.functional.gelu}
+
+
+class MLPHead(nn.Module):
+    """A checkpoint's own classification head on pooled features: ``layers.0 … layers.k`` (``nn.Linear``)
+    with ``activations[i]`` after layer i < k — e.g. BERT's pooler + classifier (tanh), RoBERTa's
+    ``classifier.dense`` + ``out_proj`` (tanh), DistilBERT's ``pre_classifier`` + ``classifier`` (relu), a
+    decoder's ``score`` (one layer, no bias). Dropout is omitted: heads are evaluated, never trained here.
+
+    Args:
+        dims: widths ``[in, hidden..., num_labels]`` (``len(dims) - 1`` layers).
+        activations: ``len(dims) - 2`` names from ``tanh``, ``relu``, ``gelu``.
+    """
+
+    def __init__(self, dims: list[int], activations: list[str], bias: bool = True):
+        super().__init__()
+        if len(dims) < 2 or len(activations) != len(dims) - 2:
+            raise ModelError(f"mlp head: {len(dims)} widths need {max(len(dims) - 2, 0)} activations, "
+                             f"got {activations}")
+        bad = [a for a in activations if a not in _ACTIVATIONS]
+        if bad:
+            raise ModelError(f"mlp head: unknown activation {bad[0]!r}; valid: {', '.join(_ACTIVATIONS)}")
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(dims[:-1], dims[1:]))
+        self.activations = list(activations)
+
+    def forward(self, pooled: torch.Tensor, backbone: nn.Module | None = None) -> torch.Tensor:
+        x = pooled
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.activations):
+                x = _ACTIVATIONS[self.activations[i]](x)
+        return x
+
+
 class LabelWordHead(nn.Module):
     """Class logits = the LM's logits of one label word per class at the last prompt token.
 
@@ -236,7 +289,7 @@ class LabelWordHead(nn.Module):
 class HeadSpec:
     """How a task model turns backbone outputs into logits; saved as ``head.json``."""
 
-    kind: str  # "linear" | "label_words"
+    kind: str  # "linear" | "label_words" | "mlp" (a checkpoint's own classification head)
     pooling: str  # "mean" | "cls" | "last"
     num_labels: int
     label_names: list[str] = field(default_factory=list)
@@ -245,6 +298,12 @@ class HeadSpec:
     prompt: str = "{text}"
     tied: bool = True
     task: str = ""
+    # "mlp" heads: layer widths [in, hidden..., num_labels], the activation after each hidden layer
+    # ("tanh", "relu", "gelu"), whether the layers have biases, and where the head came from
+    dims: list[int] = field(default_factory=list)
+    activations: list[str] = field(default_factory=list)
+    bias: bool = True
+    source: str = ""
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -325,6 +384,10 @@ def load_task_model(path, *, backbone=None, dtype=torch.float32,
         backbone = load_backbone(backbone, dtype=dtype, attn_implementation=attn_implementation)
     head = make_head(spec, backbone)
     state = load_file(str(path / "head.safetensors"))
+    if spec.kind == "mlp":  # a checkpoint's head: every layer must be there
+        missing = sorted(set(head.state_dict()) - set(state))
+        if missing:
+            raise ModelError(f"{path / 'head.safetensors'}: missing head tensors {missing}")
     head.load_state_dict(state, strict=False)
     return TaskModel(backbone, head.to(dtype), spec)
 
@@ -336,7 +399,9 @@ def make_head(spec: HeadSpec, backbone: nn.Module) -> nn.Module:
     if spec.kind == "label_words":
         w = None if spec.tied else torch.zeros(len(spec.token_ids), backbone.config.hidden_size)
         return LabelWordHead(spec.token_ids, w, tied=spec.tied)
-    raise ModelError(f"unknown head kind {spec.kind!r}; valid: linear, label_words")
+    if spec.kind == "mlp":
+        return MLPHead(spec.dims, spec.activations, spec.bias)
+    raise ModelError(f"unknown head kind {spec.kind!r}; valid: linear, label_words, mlp")
 
 
 # --- features and the linear probe ----------------------------------------------------------------

@@ -167,6 +167,26 @@ def _attention_selections(module: nn.Module, roles: set[str]) -> list[ParamSelec
     return out
 
 
+def check_scope(scope: str) -> str:
+    """``scope`` if it is a valid scope name (before any model is loaded), else :class:`ScopeError` listing the
+    valid ones. Whether the scope matches parameters of a given model is checked by :func:`resolve_scope`."""
+    if not isinstance(scope, str) or not scope.strip():
+        raise ScopeError(f"scope must be a non-empty string, got {scope!r}")
+    s = scope.strip().lower()
+    if s in ("lora", "full", "attention"):
+        return scope
+    if scope.startswith("re:"):
+        try:
+            re.compile(scope[3:])
+        except re.error as e:
+            raise ScopeError(f"scope {scope!r}: not a regular expression ({e})") from None
+        return scope
+    if not set(s) <= set(ROLES):
+        raise ScopeError(f"unknown scope {scope!r}; valid: full, attention, lora, letters from 'qkvo' "
+                         "(e.g. qkv, qv, q, v), or re:<regex>")
+    return scope
+
+
 def resolve_scope(module: nn.Module, scope: str) -> list[ParamSelection]:
     """Resolve a scope name against ``module`` into parameter selections.
 
@@ -179,8 +199,7 @@ def resolve_scope(module: nn.Module, scope: str) -> list[ParamSelection]:
     Returns:
         Selections in parameter order. Raises :class:`ScopeError` naming what exists when nothing matches.
     """
-    if not isinstance(scope, str) or not scope:
-        raise ScopeError(f"scope must be a non-empty string, got {scope!r}")
+    check_scope(scope)
     s = scope.strip().lower()
     if s == "lora":
         raise ScopeError("scope 'lora' is resolved on a peft model: use taskvec.scopes.lora_selection(peft_model)")
