@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 import taskvec
-from taskvec.interference import MergeSpec
+from taskvec.merge import MergeSpec
 from taskvec.report import summary_markdown
 
 run = sys.argv[1] if len(sys.argv) > 1 else "runs/example"

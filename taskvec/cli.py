@@ -187,10 +187,25 @@ def cmd_merge(a) -> int:
     return 0
 
 
+def _run_or_study(a, out_flag: str = "out"):
+    """The command's RUN argument: a run directory, or a study YAML prepared into ``--out`` (or
+    ``--study-out``) first (:func:`taskvec.study.prepare_study`); returns ``(run, stage_out)``."""
+    from .study import StudyError, is_study, prepare_study
+
+    if not is_study(a.run):
+        return a.run, getattr(a, out_flag, None)
+    out = getattr(a, out_flag, None)
+    if out is None:
+        raise StudyError(f"{a.run} is a study: give --{out_flag.replace('_', '-')} DIR, the directory its "
+                         "kernels, predictions and report go to")
+    return prepare_study(a.run, out), None
+
+
 def cmd_ntk(a) -> int:
     from .stages.ntk import run_ntk
 
-    res = run_ntk(a.run, out=a.out, n=a.n, params=a.params, mode=a.mode, output=a.output, kernel=a.kernel,
+    run, out = _run_or_study(a)
+    res = run_ntk(run, out=out, n=a.n, params=a.params, mode=a.mode, output=a.output, kernel=a.kernel,
                   cross=not a.no_cross, sketch_dim=a.sketch_dim, seed=a.seed, device=a.device,
                   max_length=a.max_length, overwrite=a.overwrite)
     print(json.dumps(res, indent=2, default=str))
@@ -201,7 +216,8 @@ def cmd_validate(a) -> int:
     from .report import summary_markdown
     from .validation import validate_run
 
-    res = validate_run(a.run, n_eval=a.n_eval, n_kernel=a.n_kernel, rank=a.rank,
+    run, out = _run_or_study(a)
+    res = validate_run(run, out=out, n_eval=a.n_eval, n_kernel=a.n_kernel, rank=a.rank,
                        second_order=not a.first_order, max_uncertainty=a.max_uncertainty, device=a.device,
                        overwrite=a.overwrite)
     print(summary_markdown({"validation": res}))
@@ -247,11 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_vectors)
 
-    s = sub.add_parser("ntk", help="empirical NTK and spectra of a run's tasks")
-    s.add_argument("run")
-    s.add_argument("--out", default=None, help="output folder (default RUN/ntk)")
+    s = sub.add_parser("ntk", help="empirical NTK and spectra of a run's (or a study's) tasks")
+    s.add_argument("run", help="run directory, or a study YAML (then --out is the study's directory)")
+    s.add_argument("--out", default=None, help="output folder (default RUN/ntk); for a study: its directory")
     s.add_argument("--n", type=int, default=512, help="training examples per task")
-    s.add_argument("--params", default="qkv", help="scope or re:<regex> of the parameters")
+    s.add_argument("--params", default=None,
+                   help="scope or re:<regex> of the parameters (default: the run's scope, or the tensors its task "
+                        "vectors change)")
     s.add_argument("--mode", default="exact", choices=["exact", "sketch", "reference"])
     s.add_argument("--output", default="logits", choices=["logits", "margin", "loss"])
     s.add_argument("--kernel", default="full", choices=["full", "trace", "diagonal"])
@@ -274,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("validate", help="predict merges from the linearised model, measure them, explain them")
-    s.add_argument("run")
+    s.add_argument("run", help="run directory, or a study YAML (checkpoints made elsewhere; needs --out)")
+    s.add_argument("--out", default=None, help="results file (default RUN/validation/results.json); for a study: "
+                                              "the study's directory")
     s.add_argument("--n-eval", type=int, default=500, help="evaluation examples per task")
     s.add_argument("--n-kernel", type=int, default=128, help="kernel examples per task (eigenspaces)")
     s.add_argument("--rank", type=int, default=20, help="r of the top-r eigenspaces")

@@ -2,7 +2,9 @@
 
 Stages, in order (a config lists the ones to run):
 
-``finetune``  fine-tune the base on every task with early stopping (:mod:`taskvec.finetune`)
+``finetune``  fine-tune the base on every task with early stopping (:mod:`taskvec.finetune`); with a
+              ``study`` (checkpoints made elsewhere, :mod:`taskvec.study`) in place of ``model``/``tasks``:
+              check the study and write it as the run
 ``vectors``   extract task vectors into ``OUT/vectors/`` (:class:`taskvec.TaskVector`)
 ``ntk``       empirical NTK of the base on each task and its spectrum (:mod:`taskvec.ntk`)
 ``merge``     write each configured merge as a model directory with the tasks' heads (:mod:`taskvec.merge`)
@@ -34,7 +36,7 @@ from .io import write_json
 log = logging.getLogger(__name__)
 
 STAGES = ["finetune", "vectors", "ntk", "merge", "validate", "report"]
-TOP_KEYS = {"model", "tasks", "stages", "finetune", "ntk", "merge", "validate", "report"}
+TOP_KEYS = {"model", "tasks", "study", "stages", "finetune", "ntk", "merge", "validate", "report"}
 
 
 def merge_specs(cfg: dict) -> list:
@@ -74,6 +76,11 @@ def load_config(config) -> dict:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise TaskvecError(f"unknown stages {bad}; valid stages: {STAGES}")
+    if cfg.get("study") is not None:  # checkpoints made elsewhere (taskvec.study) instead of fine-tuning
+        both = sorted({"model", "tasks", "finetune"} & set(cfg))
+        if both:
+            raise TaskvecError(f"a config with 'study' names its base model and tasks there; remove {both}")
+        return cfg
     cfg.setdefault("model", "minilm")
     if not cfg.get("tasks"):
         from .tasks import DEFAULT_TASKS
@@ -108,6 +115,11 @@ def _run_stage(stage: str, cfg: dict, out: Path, tasks: list, redo: bool):
     from .finetune import FinetuneConfig, finetune, results_table
     from .stages.vectors import extract_vectors
 
+    if stage == "finetune" and cfg.get("study") is not None:  # a study: its checkpoints replace fine-tuning
+        from .study import prepare_study
+
+        run = prepare_study(cfg["study"], out, overwrite=redo)
+        return {"study": True, "tasks": {t: run.description()["sources"][t] for t in run.names}}
     if stage == "finetune":
         res = finetune(cfg["model"], tasks, out, FinetuneConfig(**cfg.get("finetune", {})), overwrite=redo)
         log.info("fine-tuning results:\n%s", results_table(res))
@@ -155,13 +167,20 @@ def run_pipeline(config="default", out="runs/default", overwrite: bool = False, 
         if bad:
             raise TaskvecError(f"unknown stages {bad}; valid stages: {STAGES}")
     todo = [s for s in cfg["stages"] if stages is None or s in stages]
-    tasks = [load_task(t) for t in cfg["tasks"]]  # fail early on unknown task names
+    if cfg.get("study") is not None:
+        from .study import load_study
+
+        study_record = load_study(cfg["study"]).to_dict()  # fail early on a malformed study
+        tasks = []
+    else:
+        tasks = [load_task(t) for t in cfg["tasks"]]  # fail early on unknown task names
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "stages.json"
     state = json.loads(state_path.read_text()) if state_path.exists() and not overwrite else {}
     results = json.loads((out / "pipeline.json").read_text()) if (out / "pipeline.json").exists() else {}
-    upstream = _hash({"model": cfg["model"], "tasks": cfg["tasks"]})
+    upstream = (_hash({"model": cfg["model"], "tasks": cfg["tasks"]}) if cfg.get("study") is None
+                else _hash({"study": study_record}))
     for stage in STAGES:
         key = _hash({"up": upstream, "cfg": cfg.get(stage, {})})
         upstream = _hash([upstream, key])

@@ -29,7 +29,10 @@ def collect(run_dir) -> dict:
     from .runs import open_run
 
     run = open_run(run_dir, require="run")
-    return {"run": run.description(),
+    desc = run.description()
+    if run.kind == "study":  # where each task's head came from (HeadSpec.source)
+        desc["heads"] = {t: (rt.head.source if rt.head is not None else None) for t, rt in run.tasks.items()}
+    return {"run": desc,
             "finetune": run.finetune_logs(), "validation": run.validation_results(), "ntk": run.ntk_results()}
 
 
@@ -308,6 +311,22 @@ def summary_tables(val: dict) -> list[tuple[list[str], list[list[str]]]]:
         ["prediction-chosen per-task coefficients (1 full evaluation)",
          f"{100 * c['chosen']['per_task']['measured']:.2f}% (gap {c['gap_points_per_task']:+.2f} points)"],
     ]
+    h = s.get("heldout")
+    if h:
+        n_h = sorted(set(h["n_holdout"].values()))
+        cov = "–" if h.get("coverage_trusted") is None else f"{100 * h['coverage_trusted']:.0f}%"
+        rows += [
+            [f"held-out check ({'/'.join(map(str, n_h))} other test examples per task): Spearman, predicted vs "
+             "measured accuracy change", "–" if h["spearman_change"] is None else f"{h['spearman_change']:.3f}"],
+            ["held-out: mean absolute error, trusted / flagged predictions (points)",
+             ("–" if h["mae_points_trusted"] is None else f"{h['mae_points_trusted']:.2f}") + " / "
+             + ("–" if h["mae_points_untrusted"] is None else f"{h['mae_points_untrusted']:.2f}")],
+            ["held-out: trusted predictions within their band widened by sampling error (u + 2·se; mean se "
+             f"{h['mean_se_points']:.2f} points)", cov],
+            ["held-out: prediction-chosen global λ / per-task coefficients, gap to the held-out λ grid's best "
+             "(points)", f"{h['coefficients']['gap_points_global']:+.2f} / "
+                         f"{h['coefficients']['gap_points_per_task']:+.2f}"],
+        ]
     merges = [[m["name"], f"{100 * np.mean([e['normalized_measured'] for e in m['per_task'].values()]):.2f}%",
                f"{100 * np.mean([e['normalized_predicted'] for e in m['per_task'].values()]):.2f}%"]
               for m in val["merges"]]
@@ -363,7 +382,7 @@ def write_report(run_dir, out: str | Path | None = None, overwrite: bool = False
             ntk_figs.append(f"ntk_{Path(f).name}")
         res["decay_fits"] = fits
         res["summary_markdown"] = summary_markdown(res)
-        parts = [_header(run_dir, res["run"]), *_finetune_section(res["finetune"], figs),
+        parts = [_header(run_dir, res["run"]), *_study_section(res["run"]), *_finetune_section(res["finetune"], figs),
                  *_ntk_section(res["ntk"], ntk_figs)]
         if val:
             parts += _validation_section(val, figs)
@@ -384,6 +403,21 @@ def _header(run_dir: Path, meta: dict) -> str:
             f"<code>{html.escape(str(meta.get('scope', '')))}</code>, tasks "
             f"{html.escape(', '.join(meta.get('tasks', [])))}. All numbers below are measured by this run and "
             "also saved in <code>results.json</code>.</p>")
+
+
+def _study_section(meta: dict) -> list[str]:
+    """A study's checkpoints (made elsewhere): one row per task."""
+    if meta.get("kind") != "study":
+        return []
+    study = meta.get("study") or {}
+    data = {t["name"]: t for t in study.get("tasks", [])}
+    rows = [[t, src["model"], src["kind"], str(data.get(t, {}).get("data", "")),
+             str((meta.get("heads") or {}).get(t) or "")] for t, src in (meta.get("sources") or {}).items()]
+    return ["<h2>Checkpoints</h2>",
+            f"<p class=note>A study of checkpoints made elsewhere: task vectors of full fine-tunes in scope "
+            f"<code>{html.escape(str(meta.get('scope')))}</code>, LoRA adapters as their exact ΔW; each task keeps "
+            "its checkpoint's own head (never merged).</p>",
+            _table(rows, ["task", "checkpoint", "kind", "data", "head"], left=(0, 1, 2, 3, 4))]
 
 
 def _finetune_section(logs: dict, figs: dict) -> list[str]:

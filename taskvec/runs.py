@@ -118,17 +118,41 @@ class Run:
     Build it from a run directory with :meth:`open`, or directly from :class:`RunTask` entries.
     """
 
-    def __init__(self, root, base_model: str, scope: str, tasks: dict[str, RunTask], config: dict | None = None):
+    def __init__(self, root, base_model: str, scope: str, tasks: dict[str, RunTask], config: dict | None = None,
+                 study: dict | None = None):
         self.root = Path(root)
         self.base_model = str(base_model)
         self.scope = scope
         self.tasks = dict(tasks)
         self.config = dict(config or {})
+        self.study = study  # the study (taskvec.study) this run was built from; None for a taskvec run
         self._tokenizer = None
 
+    @property
+    def kind(self) -> str:
+        """``"run"`` (fine-tuned by taskvec) or ``"study"`` (checkpoints made elsewhere, :mod:`taskvec.study`)."""
+        return "study" if self.study is not None else "run"
+
     def description(self) -> dict:
-        """What ``run.json`` holds: ``{"base_model", "scope", "tasks", "config"}``."""
-        return {"base_model": self.base_model, "scope": self.scope, "tasks": self.names, "config": self.config}
+        """What ``run.json`` holds: ``{"base_model", "scope", "tasks", "config"}`` (+ ``kind``, ``study`` and
+        the checkpoints, ``sources``, for a study)."""
+        d = {"base_model": self.base_model, "scope": self.scope, "tasks": self.names, "config": self.config}
+        if self.study is not None:
+            d |= {"kind": "study", "study": self.study,
+                  "sources": {t: {"model": str(rt.model_dir or rt.adapter_dir),
+                                  "kind": "adapter" if rt.adapter_dir else "model"} for t, rt in self.tasks.items()}}
+        return d
+
+    def kernel_params(self, keys=None) -> str:
+        """The eNTK's parameter selection for this run: its scope, or — for LoRA runs and studies, whose
+        vectors need not share one scope — exactly the tensors the task vectors change (``keys``, default:
+        those of the saved vectors), as a ``re:`` scope."""
+        if self.scope != "lora" and self.study is None:
+            return self.scope
+        if keys is None:
+            keys = sorted(set().union(*[v.deltas for v in self.vectors().values()]))
+        # names may carry a wrapper's prefix (a TaskModel's "backbone."): anchored at a component boundary
+        return "re:(^|\\.)(" + "|".join(k.replace(".", "\\.") for k in keys) + ")$"
 
     # --- reading a run directory ------------------------------------------------------------------------
 
@@ -150,8 +174,10 @@ class Run:
         if missing:
             raise RunError(f"{root / RUN_FILE} has no {', '.join(missing)}")
         config = meta.get("config") or {}
-        tasks = {name: _read_task(root, name, require, config) for name in meta["tasks"]}
-        return cls(root, meta["base_model"], meta.get("scope", config.get("scope", "qkv")), tasks, config)
+        sources = meta.get("sources") or {}
+        tasks = {name: _read_task(root, name, require, config, sources.get(name)) for name in meta["tasks"]}
+        return cls(root, meta["base_model"], meta.get("scope", config.get("scope", "qkv")), tasks, config,
+                   study=meta.get("study"))
 
     @property
     def names(self) -> list[str]:
@@ -198,13 +224,20 @@ class Run:
         return m.to(device) if device is not None else m
 
     def finetuned_model(self, name: str, device=None):
-        """The fine-tuned task model (its saved backbone and head)."""
+        """The fine-tuned task model: its saved (or, in a study, its checkpoint's) backbone and its head;
+        θ0 + τ for a LoRA adapter."""
         from .modeling import load_task_model
 
         rt = self.task(name)
-        if rt.model_dir is None:
+        if rt.model_dir is None and rt.adapter_dir is None:
             raise RunError(f"task {name!r} of {self.root} has no fine-tuned model directory")
-        m = load_task_model(rt.head_dir).eval()
+        if rt.model_dir is None:
+            m = self.vector(name).apply_to(self.base_task_model(name))
+        elif (rt.head_dir / "model").is_dir():
+            m = load_task_model(rt.head_dir)
+        else:
+            m = load_task_model(rt.head_dir, backbone=rt.model_dir)
+        m = m.eval()
         return m.to(device) if device is not None else m
 
     # --- task vectors -----------------------------------------------------------------------------------
@@ -234,7 +267,7 @@ class Run:
         if len(fps) > 1:
             raise RunError(f"task vectors of {self.root} come from different base models: {sorted(fps)}")
         scopes = {v.scope for v in vs.values()}
-        if len(scopes) > 1:
+        if len(scopes) > 1 and self.study is None:  # a study may mix full fine-tunes and LoRA adapters
             raise RunError(f"task vectors of {self.root} have different scopes: {sorted(scopes)}")
         return vs
 
@@ -257,6 +290,21 @@ class Run:
             if s == split:
                 return sorted(perm[:n].tolist() if n is not None else perm.tolist())
         raise AssertionError(split)
+
+    def holdout(self, name: str, n_eval: int, n: int | None = None, seed: int = 0) -> list[int]:
+        """Test examples of task ``name`` disjoint from :meth:`sample` ``(name, "test", n_eval, seed)``: the next
+        ``n`` of the same permutation (``None``: all the rest), sorted — examples the predictor did not see."""
+        splits = self.task(name).splits
+        if splits is None:
+            raise RunError(f"task {name!r} of {self.root} has no split yet (not fine-tuned)")
+        perm = np.random.default_rng(seed).permutation(np.asarray(splits.test, dtype=np.int64))
+        assert SAMPLE_ORDER[0] == "test"  # sample() draws the test permutation first from the same generator
+        return sorted((perm[n_eval:] if n is None else perm[n_eval:n_eval + n]).tolist())
+
+    def holdout_batches(self, name: str, n_eval: int | None, n: int | None = None, seed: int = 0,
+                        batch_size: int = 64):
+        """:meth:`holdout` examples, batched in length order (held-out evaluation)."""
+        return self.batches(name, self.holdout(name, n_eval, n, seed), batch_size, sort_by_length=True)
 
     def batches(self, name: str, indices, batch_size: int = 64, sort_by_length: bool = False,
                 max_length: int | None = None):
@@ -308,13 +356,14 @@ class Run:
         return self.read_stage_json("validate", "results.json")
 
 
-def _read_task(root: Path, name: str, require: str, config: dict) -> RunTask:
-    """One task's entry of a run directory (see :meth:`Run.open` for ``require``)."""
+def _read_task(root: Path, name: str, require: str, config: dict, source: dict | None = None) -> RunTask:
+    """One task's entry of a run directory (see :meth:`Run.open` for ``require``); ``source``: a study
+    task's checkpoint (``{"model": path, "kind": "model" | "adapter"}``; it has no fine-tuning log)."""
     from .tasks import Splits
 
     d = root / STAGE_DIRS["finetune"] / name
     need = require != "run"
-    for f in ("split.json", "log.json", "head.json"):
+    for f in ("split.json", "head.json") if source else ("split.json", "log.json", "head.json"):
         if need and not (d / f).is_file():
             raise RunError(f"task {name!r} of {root} has not finished fine-tuning ({d / f} is missing); "
                            f"run `taskvec finetune` (or `taskvec run`) into {root} first")
@@ -324,9 +373,13 @@ def _read_task(root: Path, name: str, require: str, config: dict) -> RunTask:
     vec = root / STAGE_DIRS["vectors"] / f"{name}.safetensors"
     if require == "vectors" and not vec.is_file():
         raise RunError(f"{root}: no task vector for {name!r} ({vec} is missing); run `taskvec vectors {root}` first")
+    model_dir = d / "model" if (d / "model").is_dir() else None
+    adapter_dir = d / "adapter" if (d / "adapter").is_dir() else None
+    if source:
+        model_dir, adapter_dir = (None, Path(source["model"])) if source["kind"] == "adapter" \
+            else (Path(source["model"]), None)
     return RunTask(name, splits, head_dir=d if (d / "head.json").is_file() else None,
-                   model_dir=d / "model" if (d / "model").is_dir() else None,
-                   adapter_dir=d / "adapter" if (d / "adapter").is_dir() else None, vector_path=vec,
+                   model_dir=model_dir, adapter_dir=adapter_dir, vector_path=vec,
                    task_file=d / "task.json" if (d / "task.json").is_file() else None, log=log_,
                    max_length=int((log_.get("config") or config).get("max_length", 128)))
 
@@ -372,3 +425,39 @@ def finished_log(root, name: str) -> dict | None:
     """The fine-tuning log of task ``name`` when the task has finished (``None`` otherwise)."""
     p = task_dir(root, name) / "log.json"
     return _read_json(p, f"fine-tuning log of task {name!r}") if p.is_file() else None
+
+
+def write_study(root, record: dict, tasks: dict, max_length: int, overwrite: bool = False) -> Path:
+    """Write a checked study (:func:`taskvec.study.prepare_study`) as a run directory.
+
+    ``tasks``: ``{name: {"task": Task, "splits": Splits, "head": (HeadSpec, state), "vector": TaskVector,
+    "source": {"model": path, "kind": "model" | "adapter"}}}``. Layout: ``run.json`` (with ``study`` and
+    ``sources``), ``finetune/<task>/{head.json, head.safetensors, split.json, task.json}``,
+    ``vectors/<task>.safetensors`` — what :meth:`Run.open` reads. Each task directory and vector is written
+    atomically and ``run.json`` last, so an interrupted write leaves no directory that opens as a study.
+    """
+    from .checkpoint_heads import write_head
+    from .io import atomic_dir, write_json
+    from .tasks import save_task
+
+    import shutil
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    if run_file(root).exists():  # replacing a study (overwrite): its stage outputs go with it
+        run_file(root).unlink()  # first: not a study until the new run.json is written
+        for stage in STAGE_DIRS:
+            shutil.rmtree(stage_path(root, stage), ignore_errors=True)
+        (root / "results.json").unlink(missing_ok=True)
+    for name, t in tasks.items():
+        with atomic_dir(task_dir(root, name), overwrite=True) as d:
+            write_head(d, *t["head"])
+            write_json(d / "split.json", t["splits"].to_json())
+            save_task(t["task"], d / "task.json")
+        t["vector"].save(stage_path(root, "vectors") / f"{name}.safetensors", overwrite=True)
+    scopes = sorted({t["vector"].scope for t in tasks.values()})
+    write_json(run_file(root), {"base_model": record["base_model"], "scope": record["scope"], "tasks": list(tasks),
+                                "config": {"max_length": max_length, "seed": record["seed"], "vector_scopes": scopes},
+                                "kind": "study", "study": record,
+                                "sources": {n: t["source"] for n, t in tasks.items()}})
+    return root

@@ -9,7 +9,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_finetune_and_validate_on_cuda(tiny_bert, tmp_path):
     from taskvec.finetune import FinetuneConfig, extract_vectors, finetune
-    from taskvec.interference import MergeSpec, validate_run
+    from taskvec.merge import MergeSpec
+    from taskvec.validation import validate_run
 
     cfg = FinetuneConfig(max_steps=12, eval_every=6, lr=3e-3, test_size=24, val_size=12, device="cuda")
     res = finetune(tiny_bert, [toy_task("a"), toy_task("b", seed=1)], tmp_path / "run", cfg, progress=False)

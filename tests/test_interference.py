@@ -77,7 +77,25 @@ def test_validate_run_end_to_end(tiny_run):
     calib = r["summary"]["calibration"]
     assert [c["n"] for c in calib] == sorted(c["n"] for c in calib) and calib[-1]["n"] == r["summary"]["n_predictions"]
     assert r["summary"]["n_trusted"] + r["summary"]["n_untrusted"] == r["summary"]["n_predictions"]
-    assert set(r["timings_s"]) >= {"eigenspaces", "predictions", "measurements_and_search"}
+    assert set(r["timings_s"]) >= {"eigenspaces", "predictions", "measurements_and_search", "heldout"}
+    # every claim checked again on test examples the predictor did not see
+    h = r["summary"]["heldout"]
+    from taskvec.linearize import accuracy, forward_outputs
+    from taskvec.runs import Run
+
+    run = Run.open(tiny_run, require="vectors")
+    for t in r["tasks"]:
+        idx = run.holdout(t, 24)
+        assert h["n_holdout"][t] == len(idx) == 6 and not set(idx) & set(run.sample(t, "test", 24))
+        f, y = forward_outputs(run.base_task_model(t), run.batches(t, idx))
+        assert h["base_accuracy"][t] == pytest.approx(accuracy(f, y))
+    for m in r["merges"]:
+        for e in m["per_task"].values():
+            ho = e["heldout"]
+            assert ho["error_points"] == pytest.approx(
+                100 * abs((e["predicted"] - e["base"]) - (ho["measured"] - ho["base"])))
+            assert ho["band_points"] >= 2 * ho["se_points"] >= 0
+    assert h["n_trusted"] == r["summary"]["n_trusted"] and len(h["coefficients"]["grid"]) == 2
 
 
 def test_eigenspace_component_is_the_orthogonal_projection():

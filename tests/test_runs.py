@@ -42,6 +42,15 @@ def test_sample_is_seeded_nested_and_inside_its_split(tiny_run):
         run.sample("a", "dev", 3)
 
 
+def test_holdout_is_the_rest_of_the_test_permutation(tiny_run):
+    run = Run.open(tiny_run)
+    test = run.task("a").splits.test
+    ev, rest = run.sample("a", "test", 10), run.holdout("a", 10)
+    assert not set(ev) & set(rest) and sorted(ev + rest) == sorted(test)
+    assert run.holdout("a", 10, 5) == sorted(set(run.holdout("a", 10, 5)) & set(rest)) and len(run.holdout("a", 10, 5)) == 5
+    assert run.holdout("a", len(test)) == []
+
+
 def test_batches_follow_the_sample_and_the_run_max_length(tiny_run):
     run = Run.open(tiny_run)
     ev = run.eval_batches("b", 10)

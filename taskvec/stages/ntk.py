@@ -106,14 +106,15 @@ def _write(dest: Path, kernels: dict, reports: dict, cross: dict, summary: dict,
         plot_effective_ranks(reps, dest / "effective_ranks.png")
 
 
-def run_ntk(run, out=None, n: int = 512, params="qkv", mode: str = "exact", output: str = "logits",
+def run_ntk(run, out=None, n: int = 512, params: str | None = None, mode: str = "exact", output: str = "logits",
             kernel: str = "full", cross: bool = True, sketch_dim: int = 8192, seed: int = 0, device=None,
             num_boot: int = 100, max_length: int | None = None, plots: bool = True,
             overwrite: bool = False) -> dict:
     """Kernels and spectra for every task of a run (``taskvec ntk RUN/``), read through
     :class:`taskvec.runs.Run`.
 
-    For each task: ``n`` training examples (:meth:`Run.sample`, the sampler every stage uses), read through
+    ``params``: the kernel's parameter selection (default :meth:`Run.kernel_params`: the run's scope, or the
+    tensors its task vectors change). For each task: ``n`` training examples (:meth:`Run.sample`, the sampler every stage uses), read through
     the task's prompt and truncated at the run's ``max_length`` (or ``max_length``); θ0 = base backbone + the
     task's head; the eNTK (``kernel``, with per-group kernels) saved as ``OUT/<task>.safetensors`` (+ meta
     JSON) and its :class:`~taskvec.spectrum.SpectrumReport` as ``OUT/<task>.spectrum.json``; with ``cross``
@@ -132,6 +133,8 @@ def run_ntk(run, out=None, n: int = 512, params="qkv", mode: str = "exact", outp
     run = open_run(run, require="finetune")
     out = Path(out) if out is not None else run.stage_dir("ntk")
     check_output(out, overwrite)
+    if params is None:  # the run's scope; for LoRA runs and studies, the tensors the task vectors change
+        params = run.kernel_params() if all(run.has_vector(t) for t in run.names) else run.scope
     started, rank, device = _init_torchrun(device)
     kw = {"params": params, "output": output, "mode": mode, "kernel": kernel, "sketch_dim": sketch_dim}
     try:

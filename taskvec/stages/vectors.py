@@ -26,10 +26,13 @@ def extract_vectors(run, overwrite: bool = False) -> dict:
             out[name] = TaskVector.load(path)
             continue
         rt = run.task(name)
-        if run.scope == "lora" and rt.adapter_dir is not None:
+        if rt.adapter_dir is not None and (run.scope == "lora" or run.kind == "study"):
             tv = TaskVector.from_peft(rt.adapter_dir, base=run.base_model, task=name)
             tv.base_model = run.base_model
-        else:
+        elif run.kind == "study":  # a fine-tuned checkpoint made elsewhere
+            tv = TaskVector.from_models(run.base_model, rt.model_dir, scope=run.scope, task=name)
+            tv.base_model = run.base_model
+        else:  # a taskvec task-model directory
             tv = TaskVector.from_models(run.base_model, rt.head_dir, scope=run.scope, task=name)
         tv.save(path, overwrite=True)
         log.info("task vector %s: ‖τ‖ = %.4g -> %s", name, tv.norm(), path)

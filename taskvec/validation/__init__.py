@@ -35,6 +35,7 @@ from ..runs import device_of, open_run
 from .coefficients import choose_coefficients, coefficient_phase
 from .context import Context, load_context
 from .eigen import EigenPhase, eigenspace_phase
+from .heldout import holdout_phase
 from .measure import interference_phase, measure_merges, measure_singles
 from .predict import Derivatives, Scorer, derivative_phase
 from .summary import summarize, weight_space
@@ -51,7 +52,7 @@ DEFAULT_LAMBDAS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.2]
 
 __all__ = ["DEFAULT_LAMBDAS", "DEFAULT_MERGES", "Context", "Derivatives", "EigenPhase", "MergeSpec", "Scorer",
            "ValidationResult", "choose_coefficients", "coefficient_phase", "derivative_phase",
-           "eigenspace_phase", "interference_phase", "load_context", "measure_merges", "measure_singles",
+           "eigenspace_phase", "holdout_phase", "interference_phase", "load_context", "measure_merges", "measure_singles",
            "summarize", "validate_run", "weight_space"]
 
 
@@ -73,6 +74,9 @@ class ValidationResult(dict):
                 ("flagged", f"{s.get('n_untrusted')} (MAE {f(s.get('mae_points_untrusted'), '{:.2f}')} points)"),
                 ("interference Spearman", f(s.get("interference_spearman"))),
                 ("λ* from predictions", f(c.get("lambda_star"), "{:g}")),
+                *([("held-out Spearman", f(s["heldout"].get("spearman_change"))),
+                   ("held-out trusted MAE", f(s["heldout"].get("mae_points_trusted"), "{:.2f}"))]
+                  if s.get("heldout") else []),
                 ("wall time (s)", f(self.get("wall_time_s"), "{:.0f}"))]
 
     def __repr__(self) -> str:
@@ -95,24 +99,31 @@ def _second_order_directions(ctx: Context, merges: list, merge_deltas: dict, dir
     return dirs
 
 
-def _ntk_aware_merges(ctx: Context, der: Derivatives, scorer: Scorer, eig: EigenPhase, lam: float) -> list:
-    """The NTK-aware merges at λ (and task arithmetic at the same λ, to compare), predicted and measured."""
+def _ntk_aware_merges(ctx: Context, der: Derivatives, scorer: Scorer, eig: EigenPhase, lam: float,
+                      built: dict) -> list:
+    """The NTK-aware merges at λ (and task arithmetic at the same λ, to compare), predicted and measured;
+    ``built`` receives their deltas."""
     from .context import scale_deltas
 
     out = []
     for name, method in (("ntk_sum", "ntk_aware"), ("ntk_harm_sum", "ntk_aware_harmful")):
-        per = scorer.record(*der.merge_terms(name, lam), ctx.measure(scale_deltas(eig.directions[name], lam)))
+        delta = scale_deltas(eig.directions[name], lam)
+        per = scorer.record(*der.merge_terms(name, lam), ctx.measure(delta))
         out.append({"name": f"{method} λ={lam:g}", "method": method, "params": {"lambda": lam}, "per_task": per})
-    per = scorer.record(*der.ta_terms({t: lam for t in ctx.names}), ctx.measure(scale_deltas(ctx.sum_tau, lam)))
+        built[out[-1]["name"]] = delta
+    delta = scale_deltas(ctx.sum_tau, lam)
+    per = scorer.record(*der.ta_terms({t: lam for t in ctx.names}), ctx.measure(delta))
     out.append({"name": f"task_arithmetic λ={lam:g}", "method": "task_arithmetic", "params": {"lambda": lam},
                 "per_task": per})
+    built[out[-1]["name"]] = delta
     return out
 
 
 def validate_run(run, merges: list[MergeSpec] | None = None, n_eval: int = 500, n_kernel: int = 128,
                  rank: int = 20, lambdas: list[float] | None = None, second_order: bool = True,
                  max_uncertainty: float = 1.0, ntk_aware: bool = True, device: str | None = None,
-                 out: str | Path | None = None, progress: bool = True, overwrite: bool = False) -> ValidationResult:
+                 out: str | Path | None = None, progress: bool = True, overwrite: bool = False,
+                 n_holdout: int | None = None) -> ValidationResult:
     """Predict, measure and explain merges of a run's task vectors; write ``RUN/validation/results.json``.
 
     Args:
@@ -130,6 +141,8 @@ def validate_run(run, merges: list[MergeSpec] | None = None, n_eval: int = 500, 
             ``ntk_aware_harmful`` at the prediction-chosen λ.
         out: the results file (default ``RUN/validation/results.json``); refused when it exists unless
             ``overwrite``.
+        n_holdout: held-out test examples per task, disjoint from the evaluation subset, on which every
+            claim is checked again (:mod:`~taskvec.validation.heldout`); default ``n_eval``; 0 skips it.
     """
     t_start = time.time()
     run = open_run(run, require="vectors")
@@ -143,7 +156,7 @@ def validate_run(run, merges: list[MergeSpec] | None = None, n_eval: int = 500, 
                            "prediction-chosen λ; drop them or keep ntk_aware=True")
     merges = [m for m in merges if m.name not in bad]  # built at the prediction-chosen λ below
     device = device_of(device)
-    ctx = load_context(run, n_eval, n_kernel, device)
+    ctx = load_context(run, n_eval, n_kernel, device, n_eval if n_holdout is None else n_holdout)
     tvs = [ctx.vectors[t] for t in ctx.names]
     merge_deltas = {m.name: merge_vectors(tvs, m.method, ctx.base_state, **m.params) for m in merges}
 
@@ -153,14 +166,20 @@ def validate_run(run, merges: list[MergeSpec] | None = None, n_eval: int = 500, 
     tick = time.time()
     scorer = Scorer.from_derivatives(der, max_uncertainty)
     singles = measure_singles(ctx, scorer, progress)
-    merge_results = measure_merges(ctx, der, scorer, merges, merge_deltas, progress)
+    built: dict = {}
+    merge_results = measure_merges(ctx, der, scorer, merges, merge_deltas, progress, built=built)
     inter = interference_phase(ctx, der, scorer, singles)
     coefficients = coefficient_phase(ctx, der, scorer, lambdas, progress)
     if ntk_aware:
-        merge_results += _ntk_aware_merges(ctx, der, scorer, eig, coefficients["lambda_star"])
+        merge_results += _ntk_aware_merges(ctx, der, scorer, eig, coefficients["lambda_star"], built)
     timings = {"eigenspaces": eig.bases_seconds, "eigen_total": eig.seconds, "predictions": der.seconds,
                "measurements_and_search": time.time() - tick}
     summary = summarize(merge_results, second_order, max_uncertainty, inter["I_pred"], inter["I_meas"])
+    tick = time.time()
+    heldout = holdout_phase(ctx, merge_results, built, lambdas, coefficients, progress)
+    if heldout is not None:
+        summary["heldout"] = heldout
+        timings["heldout"] = time.time() - tick
     results = ValidationResult({
         "run": str(run.root), "tasks": ctx.names, "n_eval": {s: len(ctx.eval_batches[s].indices) for s in ctx.names},
         "device": str(device), "second_order": second_order,
@@ -168,7 +187,8 @@ def validate_run(run, merges: list[MergeSpec] | None = None, n_eval: int = 500, 
         "finetuned_accuracy_full_test": {t: run.task(t).log.get("test_accuracy") for t in ctx.names},
         "merges": merge_results, "summary": summary, "interference": inter["interference"],
         "disentanglement": inter["disentanglement"], "coefficients": coefficients, "eigen": eig.info,
-        "weight_space": weight_space(tvs), "evaluations": ctx.evaluations, "timings_s": timings,
+        "weight_space": weight_space(tvs), "evaluations": ctx.evaluations,
+        "heldout_evaluations": ctx.holdout_evaluations, "timings_s": timings,
         "wall_time_s": time.time() - t_start,
     })
     write_json(out, results, overwrite=True)

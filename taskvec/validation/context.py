@@ -65,19 +65,27 @@ class Context:
     base_state: dict
     evaluations: int = 0
     sum_tau: dict = field(default_factory=dict)
+    holdout_batches: dict = field(default_factory=dict)  # {task: Batches} disjoint from eval_batches (may be {})
+    holdout_evaluations: int = 0
 
-    def measure(self, delta: dict | None) -> dict[str, torch.Tensor]:
-        """Logits ``(n_s, o_s)`` of every task s on its evaluation subset at θ0 + ``delta`` (one full
-        evaluation, counted in :attr:`evaluations`)."""
+    def measure(self, delta: dict | None, holdout: bool = False, tasks=None) -> dict[str, torch.Tensor]:
+        """Logits ``(n_s, o_s)`` of every task s (or of ``tasks``) on its evaluation subset — or on its held-out
+        subset — at θ0 + ``delta`` (one full evaluation, counted in :attr:`evaluations` /
+        :attr:`holdout_evaluations`)."""
+        batches = self.holdout_batches if holdout else self.eval_batches
         self.shared.set(delta)
-        res = {s: forward_outputs(self.models[s], self.eval_batches[s], self.device)[0].float() for s in self.names}
+        res = {s: forward_outputs(self.models[s], batches[s], self.device)[0].float() for s in (tasks or self.names)}
         self.shared.set(None)
-        self.evaluations += 1
+        if holdout:
+            self.holdout_evaluations += 1
+        else:
+            self.evaluations += 1
         return res
 
 
-def load_context(run: Run, n_eval: int, n_kernel: int, device) -> Context:
-    """θ0 task models, batches and task vectors of ``run`` for validation (see :class:`Context`)."""
+def load_context(run: Run, n_eval: int, n_kernel: int, device, n_holdout: int = 0) -> Context:
+    """θ0 task models, batches and task vectors of ``run`` for validation (see :class:`Context`);
+    ``n_holdout`` test examples per task beyond the evaluation subset for the held-out checks (0: none)."""
     names = run.names
     if len(names) < 2:
         raise TaskvecError(f"{run.root}: validation needs at least two tasks, found {names}")
@@ -91,10 +99,16 @@ def load_context(run: Run, n_eval: int, n_kernel: int, device) -> Context:
     kernel_batches = {t: run.kernel_batches(t, n_kernel) for t in names}
     tvs = [vectors[t] for t in names]
     sum_tau = {k: sum(v.deltas[k].float() for v in tvs if k in v.deltas) for k in keys}
+    holdout = {}
+    if n_holdout:
+        idx = {t: run.holdout(t, n_eval, n_holdout) for t in names}
+        if all(idx.values()):  # else a test split no larger than the evaluation subset: nothing to hold out
+            holdout = {t: run.batches(t, idx[t], sort_by_length=True) for t in names}
     return Context(run, names, device, vectors, models, eval_batches, kernel_batches, keys, shared, base_state,
-                   sum_tau=sum_tau)
+                   sum_tau=sum_tau, holdout_batches=holdout)
 
 
 def kernel_scope(run: Run, keys: list[str]) -> str:
-    """The eNTK's parameter selection: the run's scope, or exactly the adapted tensors for LoRA runs."""
-    return run.scope if run.scope != "lora" else "re:" + "|".join(k.replace(".", r"\.") for k in keys)
+    """The eNTK's parameter selection (:meth:`Run.kernel_params`): the run's scope, or exactly the tensors the
+    task vectors change (LoRA runs, studies)."""
+    return run.kernel_params(keys)

@@ -29,11 +29,11 @@ def measure_singles(ctx: Context, scorer: Scorer, progress: bool = True) -> dict
 
 
 def measure_merges(ctx: Context, der: Derivatives, scorer: Scorer, merges: list, merge_deltas: dict,
-                   progress: bool = True) -> list[dict]:
+                   progress: bool = True, built: dict | None = None) -> list[dict]:
     """Predicted vs measured for each configured merge: ``[{name, method, params, per_task}]``.
 
     Global-λ task arithmetic is predicted from the τ directions; every other merge from its own
-    direction ``merge_deltas[name]``.
+    direction ``merge_deltas[name]``. ``built`` (if given) receives ``{name: Δ}`` of every merge measured.
     """
     from tqdm.auto import tqdm
 
@@ -46,6 +46,8 @@ def measure_merges(ctx: Context, der: Derivatives, scorer: Scorer, merges: list,
         else:
             delta = merge_deltas[m.name]
             terms = der.merge_terms(m.name)
+        if built is not None:
+            built[m.name] = delta
         out.append({"name": m.name, "method": m.method, "params": m.params,
                     "per_task": scorer.record(*terms, ctx.measure(delta))})
     return out

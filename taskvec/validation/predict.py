@@ -112,6 +112,11 @@ class Scorer:
         else:
             e.update({"curvature": None, "uncertainty": None, "trusted": False})
             e["predicted"] = e["predicted_1st"]
+        # spread of the predicted per-example change (−1, 0, +1): the sampling error of an accuracy change
+        pred = p1 + half_second if half_second is not None else p1
+        d = (pred.argmax(-1) == y).float() - (f0.argmax(-1) == y).float()
+        e["change_sd"] = float(d.std(unbiased=False))
+        e["n"] = int(y.numel())
         e["normalized_measured"] = e["measured"] / ft if ft else None
         e["normalized_predicted"] = e["predicted"] / ft if ft else None
         return e

@@ -1,0 +1,98 @@
+"""Phase 6: the claims checked on examples the predictor did not see.
+
+Predictions, their trust band and the coefficient choice all come from each task's evaluation subset.
+Here every merge is measured again on a disjoint held-out subset of the test split (:meth:`Run.holdout`),
+and each predicted accuracy change Δp (evaluation subset) is compared with the measured change Δh on the
+held-out subset. The two subsets differ by sampling: the change of one example is −1, 0 or +1, so an
+accuracy change measured on n examples has a standard error sd/√n, with sd the spread of the per-example
+changes (estimated before merging, from the predicted ones). A trusted prediction's promise on held-out
+examples is therefore |Δp − Δh| ≤ u + 2·se, with u its own uncertainty and
+se = 100·sd·√(1/n_eval + 1/n_holdout) points; the summary reports how often that holds (coverage), the
+errors of trusted and flagged predictions there, Spearman on held-out changes, and the
+prediction-chosen coefficients scored on the held-out subset against the measured λ grid there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..linearize import accuracy
+from .context import Context, scale_deltas
+from .summary import spearman
+
+
+def _entry(e: dict, measured: float, base: float, n_holdout: int) -> dict:
+    """The held-out check of one (merge, task) prediction entry ``e``."""
+    se = 100 * e.get("change_sd", 0.0) * math.sqrt(1 / max(e.get("n", 1), 1) + 1 / n_holdout)
+    dp, dh = e["predicted"] - e["base"], measured - base
+    u = e.get("uncertainty")
+    band = (u if u is not None else math.inf) + 2 * se
+    err = 100 * abs(dp - dh)
+    return {"measured": measured, "base": base, "change_measured": dh, "error_points": err,
+            "se_points": se, "band_points": band, "within_band": bool(err <= band)}
+
+
+def holdout_phase(ctx: Context, merge_results: list[dict], deltas: dict, lambdas: list[float],
+                  coefficients: dict, progress: bool = True) -> dict | None:
+    """Measure every merge of ``merge_results`` (``deltas[name]`` = its Δ) and the coefficient choices on the
+    held-out subsets; adds ``heldout`` to every per-task entry and returns the held-out summary (``None``
+    without held-out examples).
+
+    Returns: ``n_holdout`` per task, ``spearman_change``, ``mae_points`` (all), ``mae_points_trusted`` /
+    ``_untrusted``, ``coverage_trusted`` (share of trusted predictions within their widened band),
+    ``mean_se_points``, ``coefficients`` (grid, grid best, chosen global / per task measured there, gaps),
+    ``evaluations`` (held-out evaluations spent).
+    """
+    from tqdm.auto import tqdm
+
+    if not ctx.holdout_batches:
+        return None
+    names = ctx.names
+    # labels in the batches' iteration order (length-sorted), the order of the measured logits
+    labels = {s: torch.cat([b["labels"] for b in ctx.holdout_batches[s]]) for s in names}
+    n_h = {s: len(ctx.holdout_batches[s].indices) for s in names}
+    base = {s: accuracy(f, labels[s]) for s, f in ctx.measure(None, holdout=True).items()}
+    ft = {s: accuracy(ctx.measure(ctx.vectors[s].deltas, holdout=True, tasks=[s])[s], labels[s]) for s in names}
+    rows = []
+    for m in tqdm(merge_results, desc="held-out merges", disable=not progress):
+        logits = ctx.measure(deltas[m["name"]], holdout=True)
+        for s, e in m["per_task"].items():
+            e["heldout"] = _entry(e, accuracy(logits[s], labels[s]), base[s], n_h[s])
+            rows.append(e)
+
+    def avg_norm(cf) -> float:
+        delta = {k: sum(cf[t] * ctx.vectors[t].deltas[k].float() for t in names if k in ctx.vectors[t].deltas)
+                 for k in ctx.keys}
+        logits = ctx.measure(delta, holdout=True)
+        return float(np.mean([accuracy(logits[s], labels[s]) / ft[s] for s in names]))
+
+    grid = []
+    for lam in tqdm(lambdas, desc="λ grid (held-out)", disable=not progress):
+        logits = ctx.measure(scale_deltas(ctx.sum_tau, lam), holdout=True)
+        grid.append({"lambda": lam, "measured": float(np.mean([accuracy(logits[s], labels[s]) / ft[s]
+                                                                for s in names]))})
+    best = max(grid, key=lambda g: g["measured"])
+    chosen = {k: avg_norm(coefficients["chosen"][k]["coefficients"]) for k in ("global", "per_task")}
+    trusted = [e for e in rows if e["trusted"]]
+    flagged = [e for e in rows if not e["trusted"]]
+
+    def mae(es):
+        return float(np.mean([e["heldout"]["error_points"] for e in es])) if es else None
+
+    return {
+        "n_holdout": n_h, "base_accuracy": base, "finetuned_accuracy": ft,
+        "spearman_change": spearman([e["predicted"] - e["base"] for e in rows],
+                                    [e["heldout"]["change_measured"] for e in rows]),
+        "mae_points": mae(rows), "mae_points_trusted": mae(trusted), "mae_points_untrusted": mae(flagged),
+        "n_trusted": len(trusted), "n_untrusted": len(flagged),
+        "coverage_trusted": float(np.mean([e["heldout"]["within_band"] for e in trusted])) if trusted else None,
+        "mean_se_points": float(np.mean([e["heldout"]["se_points"] for e in rows])) if rows else None,
+        "coefficients": {"grid": grid, "grid_best_lambda": best["lambda"], "grid_best_measured": best["measured"],
+                         "chosen_global_measured": chosen["global"], "chosen_per_task_measured": chosen["per_task"],
+                         "gap_points_global": 100 * (best["measured"] - chosen["global"]),
+                         "gap_points_per_task": 100 * (best["measured"] - chosen["per_task"])},
+        "evaluations": ctx.holdout_evaluations,
+    }

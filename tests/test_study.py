@@ -1,0 +1,165 @@
+"""Studies of checkpoints made without taskvec: HF sequence classifiers and a peft adapter, end to end."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import minilm_tokenizer_dir, toy_task
+
+from taskvec.cli import main
+from taskvec.study import StudyError, load_study, prepare_study
+
+BERT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=128)
+
+
+def _write_csv(task, path, label_names=None):
+    names = label_names or task.label_names
+    path.write_text("sentence,label\n" + "".join(f'"{x}",{names[y]}\n' for x, y in zip(task.texts, task.labels)))
+    return path
+
+
+def _train(model, tok, task, steps=12, lr=3e-3, seed=0):
+    """A plain torch loop (no taskvec): a few AdamW steps on the whole toy task."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for i in range(steps):
+        idx = [(i * 16 + j) % len(task) for j in range(16)]
+        enc = tok([task.texts[k] for k in idx], padding=True, return_tensors="pt")
+        loss = model(**enc, labels=torch.tensor([task.labels[k] for k in idx])).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A base BERT, two full fine-tunes saved by save_pretrained, and a peft LoRA adapter with its head."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+    root = tmp_path_factory.mktemp("ckpts")
+    tok = AutoTokenizer.from_pretrained(minilm_tokenizer_dir())
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(**BERT))
+    base.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    tasks = {"alpha": toy_task("alpha", n=160, seed=0), "beta": toy_task("beta", n=160, seed=1),
+             "gamma": toy_task("gamma", n=160, seed=2)}
+    for i, name in enumerate(("alpha", "beta")):
+        cfg = BertConfig(**BERT, num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+        m = BertForSequenceClassification(cfg)
+        m.bert.load_state_dict(base.state_dict())
+        _train(m, tok, tasks[name], seed=i).save_pretrained(root / name)
+    cfg = BertConfig(**BERT, num_labels=2)
+    m = BertForSequenceClassification(cfg)
+    m.bert.load_state_dict(base.state_dict())
+    pm = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                      modules_to_save=["classifier"]))
+    _train(pm, tok, tasks["gamma"], seed=2)
+    pm.save_pretrained(root / "gamma")
+    data = {n: _write_csv(t, root / f"{n}.csv") for n, t in tasks.items()}
+    return root, data
+
+
+def _study(root, data, names=("alpha", "beta", "gamma"), **kw):
+    return {"base_model": str(root / "base"), "scope": "qkv", "test_size": 40, "max_length": 32,
+            "tasks": [{"name": n, "model": str(root / n), "data": str(data[n]), "text_column": "sentence"}
+                      for n in names]} | kw
+
+
+def test_study_prepares_a_run_with_the_checkpoints_heads(checkpoints, tmp_path):
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    root, data = checkpoints
+    run = prepare_study(_study(root, data), tmp_path / "s")
+    assert run.kind == "study" and run.names == ["alpha", "beta", "gamma"]
+    assert run.task("gamma").adapter_dir is not None and run.task("alpha").model_dir is not None
+    vs = run.vectors()
+    assert vs["gamma"].scope == "lora" and vs["alpha"].scope == "qkv"
+    assert "re:" in run.kernel_params()  # the kernel follows the vectors
+    # the fine-tuned model read back through the study equals the checkpoint itself
+    tok = AutoTokenizer.from_pretrained(root / "base")
+    enc = tok(["the movie was good", "a sad plot"], padding=True, return_tensors="pt")
+    hf = BertForSequenceClassification.from_pretrained(root / "alpha").eval()
+    mine = run.finetuned_model("alpha")
+    with torch.no_grad():
+        torch.testing.assert_close(mine(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]),
+                                   hf(**enc).logits, rtol=1e-5, atol=1e-5)
+    # the same study again reuses the directory; another study there is refused
+    assert prepare_study(_study(root, data), tmp_path / "s").names == run.names
+    with pytest.raises(StudyError, match="holds another study"):
+        prepare_study(_study(root, data, seed=1), tmp_path / "s")
+
+
+def test_label_names_are_matched_and_mismatches_named(checkpoints, tmp_path):
+    root, data = checkpoints
+    t = toy_task("alpha", n=160, seed=0)
+    flipped = _write_csv(t, tmp_path / "flipped.csv", label_names=["neg", "pos"])
+    # data whose label order differs from the checkpoint's ids: rows are permuted, predictions unchanged
+    text = flipped.read_text().replace(",neg\n", ",zneg\n")
+    (tmp_path / "renamed.csv").write_text(text)
+    bad = _study(root, data, names=("alpha", "beta"))
+    bad["tasks"][0]["data"] = str(tmp_path / "renamed.csv")
+    with pytest.raises(StudyError, match=r"checkpoint's labels \(neg, pos.*differ from the data's \(pos, zneg\)"):
+        prepare_study(bad, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda s: s["tasks"].pop(), "at least two tasks"),
+    (lambda s: s["tasks"][1].update(name="alpha"), "repeated: alpha"),
+    (lambda s: s["tasks"][0].update(text_column="nope"), "nope"),
+    (lambda s: s["tasks"][0].update(metric="bleu"), "metric 'bleu'"),
+    (lambda s: s.update(modle="x"), "unknown keys \\['modle'\\]"),
+    (lambda s: s["tasks"][0].update(model="/nonexistent"), "neither a Hugging Face model directory"),
+])
+def test_bad_studies_are_one_line_errors(checkpoints, tmp_path, change, match):
+    root, data = checkpoints
+    s = _study(root, data, names=("alpha", "beta"))
+    change(s)
+    with pytest.raises(StudyError, match=match):
+        prepare_study(s, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_adapter_of_another_base_is_refused(checkpoints, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    root, data = checkpoints
+    other = BertModel(BertConfig(**(BERT | {"hidden_size": 48, "intermediate_size": 96})))
+    other.save_pretrained(tmp_path / "other")
+    s = _study(root, data, names=("alpha", "gamma"))
+    s["base_model"] = str(tmp_path / "other")
+    with pytest.raises(StudyError, match="shape"):
+        prepare_study(s, tmp_path / "x")
+
+
+def test_validate_ntk_and_report_on_a_study_from_the_cli(checkpoints, tmp_path, capsys):
+    root, data = checkpoints
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(_study(root, data)))
+    out = tmp_path / "out"
+    assert main(["validate", str(study), "--out", str(out), "--n-eval", "30", "--n-kernel", "8", "--rank", "2"]) == 0
+    assert main(["ntk", str(study), "--out", str(out), "--n", "8", "--no-cross"]) == 0
+    assert main(["report", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["run"]["kind"] == "study" and set(res["ntk"]["summary"]) == {"alpha", "beta", "gamma"}
+    val = res["validation"]
+    assert val["summary"]["n_predictions"] > 0 and set(val["finetuned_accuracy"]) == {"alpha", "beta", "gamma"}
+    page = (out / "report" / "report.html").read_text()
+    assert "Checkpoints" in page and str(root / "gamma") in page
+    assert main(["validate", str(study)]) == 2
+    assert "give --out DIR" in capsys.readouterr().err
+
+
+def test_load_study_from_yaml_errors(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("base_model: minilm\ntasks: 3\n")
+    with pytest.raises(StudyError, match="'tasks' must be a list"):
+        load_study(p)
+    with pytest.raises(StudyError, match="does not exist"):
+        load_study(tmp_path / "none.yaml")
