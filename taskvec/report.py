@@ -323,9 +323,10 @@ def summary_tables(val: dict) -> list[tuple[list[str], list[list[str]]]]:
              + ("–" if h["mae_points_untrusted"] is None else f"{h['mae_points_untrusted']:.2f}")],
             ["held-out: trusted predictions within their band widened by sampling error (u + 2·se; mean se "
              f"{h['mean_se_points']:.2f} points)", cov],
-            ["held-out: prediction-chosen global λ / per-task coefficients, gap to the held-out λ grid's best "
-             "(points)", f"{h['coefficients']['gap_points_global']:+.2f} / "
-                         f"{h['coefficients']['gap_points_per_task']:+.2f}"],
+            [f"held-out: avg normalized accuracy of the λ the measured grid chose (λ={h['coefficients']['grid_best_lambda']:g}) "
+             "/ the predictions' global λ / per-task coefficients",
+             f"{100 * h['coefficients']['grid_best_measured']:.2f}% / {100 * h['coefficients']['chosen_global_measured']:.2f}% / "
+             f"{100 * h['coefficients']['chosen_per_task_measured']:.2f}%"],
         ]
     merges = [[m["name"], f"{100 * np.mean([e['normalized_measured'] for e in m['per_task'].values()]):.2f}%",
                f"{100 * np.mean([e['normalized_predicted'] for e in m['per_task'].values()]):.2f}%"]

@@ -163,3 +163,70 @@ def test_load_study_from_yaml_errors(tmp_path):
         load_study(p)
     with pytest.raises(StudyError, match="does not exist"):
         load_study(tmp_path / "none.yaml")
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert", "llama"])
+def test_checkpoint_heads_reproduce_the_hf_classifier(tmp_path, arch):
+    """read_head + the base backbone = the checkpoint's own logits, for each head family."""
+    import transformers as tf
+
+    from taskvec.checkpoint_heads import read_head, write_head
+    from taskvec.modeling import load_task_model
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=120, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                 max_position_embeddings=64)
+    labels = {"id2label": {0: "a", 1: "b", 2: "c"}, "label2id": {"a": 0, "b": 1, "c": 2}, "num_labels": 3}
+    cfg, cls = {
+        "bert": (tf.BertConfig(**small, num_hidden_layers=2, **labels), tf.BertForSequenceClassification),
+        "roberta": (tf.RobertaConfig(**small, num_hidden_layers=2, pad_token_id=1, **labels),
+                    tf.RobertaForSequenceClassification),
+        "distilbert": (tf.DistilBertConfig(vocab_size=120, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                           max_position_embeddings=64, **labels),
+                       tf.DistilBertForSequenceClassification),
+        "llama": (tf.LlamaConfig(**small, num_hidden_layers=2, num_key_value_heads=2, pad_token_id=0, **labels),
+                  tf.LlamaForSequenceClassification),
+    }[arch]
+    model = cls(cfg).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    model.base_model.save_pretrained(tmp_path / "base")
+    # the data lists the labels in another order: rows are permuted into it
+    spec, state = read_head(tmp_path / "ckpt", tmp_path / "base", ["c", "a", "b"])
+    assert spec.pooling == ("last" if arch == "llama" else "cls")
+    write_head(tmp_path / "head", spec, state)
+    mine = load_task_model(tmp_path / "head", backbone=tmp_path / "base").eval()
+    ids = torch.randint(2, 120, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0  # right padding, with the pad token (decoders' HF pooling looks for it)
+    ids[0, 5:] = cfg.pad_token_id or 0
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits[:, [2, 0, 1]]
+        got = mine(ids, mask)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_study_of_decoder_sequence_classifiers(tmp_path):
+    """Tiny Llama sequence classifiers (a `score` head on the last token), trained by a plain loop."""
+    from conftest import save_tiny
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    import taskvec
+
+    base = save_tiny(tmp_path / "base", "llama")
+    tok = AutoTokenizer.from_pretrained(base)
+    data = {}
+    for i, name in enumerate(("left", "right")):
+        cfg = LlamaConfig.from_pretrained(base)
+        cfg.num_labels, cfg.id2label, cfg.label2id = 2, {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+        m = LlamaForSequenceClassification(cfg)
+        m.model.load_state_dict(LlamaForSequenceClassification.from_pretrained(base, num_labels=2).model.state_dict())
+        task = toy_task(name, n=120, seed=i)
+        _train(m, tok, task, steps=6, seed=i).save_pretrained(tmp_path / name)
+        data[name] = _write_csv(task, tmp_path / f"{name}.csv")
+    study = {"base_model": str(base), "scope": "qkv", "test_size": 30, "max_length": 24,
+             "tasks": [{"name": n, "model": str(tmp_path / n), "data": str(data[n]), "text_column": "sentence"}
+                       for n in ("left", "right")]}
+    run = prepare_study(study, tmp_path / "s")
+    assert all(run.task(t).head.pooling == "last" and run.task(t).head.kind == "mlp" for t in run.names)
+    res = taskvec.validate_run(run, n_eval=20, n_kernel=6, rank=2, lambdas=[0.5, 1.0], progress=False)
+    assert res["summary"]["n_predictions"] > 0 and res["summary"]["heldout"]["n_holdout"] == {"left": 10, "right": 10}

@@ -176,7 +176,7 @@ def validate_run(run, merges: list[MergeSpec] | None = None, n_eval: int = 500, 
                "measurements_and_search": time.time() - tick}
     summary = summarize(merge_results, second_order, max_uncertainty, inter["I_pred"], inter["I_meas"])
     tick = time.time()
-    heldout = holdout_phase(ctx, merge_results, built, lambdas, coefficients, progress)
+    heldout = holdout_phase(ctx, merge_results, built, coefficients, progress)
     if heldout is not None:
         summary["heldout"] = heldout
         timings["heldout"] = time.time() - tick

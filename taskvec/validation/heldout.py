@@ -8,8 +8,9 @@ accuracy change measured on n examples has a standard error sd/√n, with sd the
 changes (estimated before merging, from the predicted ones). A trusted prediction's promise on held-out
 examples is therefore |Δp − Δh| ≤ u + 2·se, with u its own uncertainty and
 se = 100·sd·√(1/n_eval + 1/n_holdout) points; the summary reports how often that holds (coverage), the
-errors of trusted and flagged predictions there, Spearman on held-out changes, and the
-prediction-chosen coefficients scored on the held-out subset against the measured λ grid there.
+errors of trusted and flagged predictions there, Spearman on held-out changes, and the coefficient
+choices scored there: the λ that the measured grid picked on the evaluation subset against the global λ and
+the per-task coefficients that the predictions picked (each choice made on one subset, scored on another).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from ..linearize import accuracy
-from .context import Context, scale_deltas
+from .context import Context
 from .summary import spearman
 
 
@@ -35,15 +36,16 @@ def _entry(e: dict, measured: float, base: float, n_holdout: int) -> dict:
             "se_points": se, "band_points": band, "within_band": bool(err <= band)}
 
 
-def holdout_phase(ctx: Context, merge_results: list[dict], deltas: dict, lambdas: list[float],
-                  coefficients: dict, progress: bool = True) -> dict | None:
+def holdout_phase(ctx: Context, merge_results: list[dict], deltas: dict, coefficients: dict,
+                  progress: bool = True) -> dict | None:
     """Measure every merge of ``merge_results`` (``deltas[name]`` = its Δ) and the coefficient choices on the
     held-out subsets; adds ``heldout`` to every per-task entry and returns the held-out summary (``None``
     without held-out examples).
 
     Returns: ``n_holdout`` per task, ``spearman_change``, ``mae_points`` (all), ``mae_points_trusted`` /
     ``_untrusted``, ``coverage_trusted`` (share of trusted predictions within their widened band),
-    ``mean_se_points``, ``coefficients`` (grid, grid best, chosen global / per task measured there, gaps),
+    ``mean_se_points``, ``coefficients`` (the grid's pick and the predictions' picks, measured on the held-out
+    subset, and the gaps in points),
     ``evaluations`` (held-out evaluations spent).
     """
     from tqdm.auto import tqdm
@@ -69,13 +71,13 @@ def holdout_phase(ctx: Context, merge_results: list[dict], deltas: dict, lambdas
         logits = ctx.measure(delta, holdout=True)
         return float(np.mean([accuracy(logits[s], labels[s]) / ft[s] for s in names]))
 
-    grid = []
-    for lam in tqdm(lambdas, desc="λ grid (held-out)", disable=not progress):
-        logits = ctx.measure(scale_deltas(ctx.sum_tau, lam), holdout=True)
-        grid.append({"lambda": lam, "measured": float(np.mean([accuracy(logits[s], labels[s]) / ft[s]
-                                                                for s in names]))})
-    best = max(grid, key=lambda g: g["measured"])
-    chosen = {k: avg_norm(coefficients["chosen"][k]["coefficients"]) for k in ("global", "per_task")}
+    # each choice made on the evaluation subset — λ by measuring the grid there, coefficients by predicting —
+    # scored on the held-out subset
+    picks = {"grid_best": {t: coefficients["grid_best_lambda"] for t in names},
+             "global": coefficients["chosen"]["global"]["coefficients"],
+             "per_task": coefficients["chosen"]["per_task"]["coefficients"]}
+    scored = {k: avg_norm(cf) for k, cf in tqdm(picks.items(), desc="coefficients (held-out)",
+                                                  disable=not progress)}
     trusted = [e for e in rows if e["trusted"]]
     flagged = [e for e in rows if not e["trusted"]]
 
@@ -90,9 +92,9 @@ def holdout_phase(ctx: Context, merge_results: list[dict], deltas: dict, lambdas
         "n_trusted": len(trusted), "n_untrusted": len(flagged),
         "coverage_trusted": float(np.mean([e["heldout"]["within_band"] for e in trusted])) if trusted else None,
         "mean_se_points": float(np.mean([e["heldout"]["se_points"] for e in rows])) if rows else None,
-        "coefficients": {"grid": grid, "grid_best_lambda": best["lambda"], "grid_best_measured": best["measured"],
-                         "chosen_global_measured": chosen["global"], "chosen_per_task_measured": chosen["per_task"],
-                         "gap_points_global": 100 * (best["measured"] - chosen["global"]),
-                         "gap_points_per_task": 100 * (best["measured"] - chosen["per_task"])},
+        "coefficients": {"grid_best_lambda": coefficients["grid_best_lambda"], "grid_best_measured": scored["grid_best"],
+                         "chosen_global_measured": scored["global"], "chosen_per_task_measured": scored["per_task"],
+                         "gap_points_global": 100 * (scored["grid_best"] - scored["global"]),
+                         "gap_points_per_task": 100 * (scored["grid_best"] - scored["per_task"])},
         "evaluations": ctx.holdout_evaluations,
     }
