@@ -73,12 +73,19 @@ class Study:
 
     def to_dict(self) -> dict:
         """Plain form (saved in the run's ``run.json``); a Task given in memory is saved by name."""
-        d = asdict(self)
-        for t, src in zip(d["tasks"], self.tasks):
-            if not isinstance(src.data, (str, Path)):
-                t["data"] = f"<in memory: {getattr(src.data, 'name', type(src.data).__name__)}>"
-            else:
+        import hashlib
+        import json
+
+        d = asdict(self) | {"tasks": []}
+        for src in self.tasks:
+            t = {k: v for k, v in asdict(src).items() if k != "data"}
+            if isinstance(src.data, (str, Path)):
                 t["data"] = str(src.data)
+            else:  # named by its content, so a changed dataset is not mistaken for the saved one
+                task = _task_data(src)
+                h = hashlib.sha256(json.dumps([task.texts, task.labels, task.label_names, task.texts_b]).encode())
+                t["data"] = f"<in memory: {type(src.data).__name__}, sha256 {h.hexdigest()[:16]}>"
+            d["tasks"].append(t)
         return d
 
 
@@ -148,8 +155,11 @@ def _task_data(t: StudyTask):
     if isinstance(t.data, Task):
         return t.data
     if not isinstance(t.data, (str, Path)):  # a datasets.Dataset or a mapping of columns
-        return Task.from_dataset(t.data, name=t.name, text_column=t.text_column, label_column=t.label_column,
-                               text_pair_column=t.text_pair_column)
+        try:
+            return Task.from_dataset(t.data, name=t.name, text_column=t.text_column, label_column=t.label_column,
+                                     text_pair_column=t.text_pair_column)
+        except (DataError, AttributeError, TypeError) as e:
+            raise StudyError(f"task {t.name!r}: in-memory data: {e}") from None
     p = Path(t.data)
     try:
         if p.suffix.lower() in (".csv", ".tsv", ".jsonl", ".json"):

@@ -230,3 +230,26 @@ def test_a_study_of_decoder_sequence_classifiers(tmp_path):
     assert all(run.task(t).head.pooling == "last" and run.task(t).head.kind == "mlp" for t in run.names)
     res = taskvec.validate_run(run, n_eval=20, n_kernel=6, rank=2, lambdas=[0.5, 1.0], progress=False)
     assert res["summary"]["n_predictions"] > 0 and res["summary"]["heldout"]["n_holdout"] == {"left": 10, "right": 10}
+
+
+def test_in_memory_data_is_named_by_content(checkpoints, tmp_path):
+    root, data = checkpoints
+    t = toy_task("alpha", n=160, seed=0)
+    cols = {"sentence": t.texts, "label": [t.label_names[y] for y in t.labels]}  # a mapping of columns (as a Dataset)
+    s = _study(root, data, names=("alpha", "beta"))
+    s["tasks"][0]["data"] = cols
+    run = prepare_study(s, tmp_path / "s")
+    assert len(run.task("alpha").task) == 160 and "sha256" in run.study["tasks"][0]["data"]
+    cols2 = dict(cols, label=list(reversed(cols["label"])))
+    s["tasks"][0]["data"] = cols2
+    with pytest.raises(StudyError, match="holds another study"):  # changed data: not reused silently
+        prepare_study(s, tmp_path / "s")
+
+
+def test_in_memory_data_with_a_missing_column_is_a_study_error(checkpoints, tmp_path):
+    root, data = checkpoints
+    s = _study(root, data, names=("alpha", "beta"))
+    s["tasks"][0]["data"] = {"text": ["a b c"] * 9, "label": [0, 1, 2] * 3}
+    with pytest.raises(StudyError, match="in-memory data: .*column 'sentence' not found"):
+        prepare_study(s, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
