@@ -560,3 +560,6 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except (KeyError, TypeError):
         raise MergeError(f"unknown merge method {name!r}; valid: {', '.join(METHODS)}") from None
+
+
+from . import methods_extra  # noqa: F401  (registers slerp, nuslerp, ..., nearswap)
