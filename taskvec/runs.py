@@ -119,13 +119,14 @@ class Run:
     """
 
     def __init__(self, root, base_model: str, scope: str, tasks: dict[str, RunTask], config: dict | None = None,
-                 study: dict | None = None):
+                 study: dict | None = None, sources: dict | None = None):
         self.root = Path(root)
         self.base_model = str(base_model)
         self.scope = scope
         self.tasks = dict(tasks)
         self.config = dict(config or {})
         self.study = study  # the study (taskvec.study) this run was built from; None for a taskvec run
+        self.sources = dict(sources or {})  # a study's checkpoints: {task: {"model": path, "kind": ...}}
         self._tokenizer = None
 
     @property
@@ -139,8 +140,9 @@ class Run:
         d = {"base_model": self.base_model, "scope": self.scope, "tasks": self.names, "config": self.config}
         if self.study is not None:
             d |= {"kind": "study", "study": self.study,
-                  "sources": {t: {"model": str(rt.model_dir or rt.adapter_dir),
-                                  "kind": "adapter" if rt.adapter_dir else "model"} for t, rt in self.tasks.items()}}
+                  "sources": self.sources or {t: {"model": str(rt.model_dir or rt.adapter_dir),
+                                                  "kind": "adapter" if rt.adapter_dir else "model"}
+                                              for t, rt in self.tasks.items()}}
         return d
 
     def kernel_params(self, keys=None) -> str:
@@ -177,7 +179,7 @@ class Run:
         sources = meta.get("sources") or {}
         tasks = {name: _read_task(root, name, require, config, sources.get(name)) for name in meta["tasks"]}
         return cls(root, meta["base_model"], meta.get("scope", config.get("scope", "qkv")), tasks, config,
-                   study=meta.get("study"))
+                   study=meta.get("study"), sources=sources)
 
     @property
     def names(self) -> list[str]:
@@ -358,7 +360,7 @@ class Run:
 
 def _read_task(root: Path, name: str, require: str, config: dict, source: dict | None = None) -> RunTask:
     """One task's entry of a run directory (see :meth:`Run.open` for ``require``); ``source``: a study
-    task's checkpoint (``{"model": path, "kind": "model" | "adapter"}``; it has no fine-tuning log)."""
+    task's checkpoint (``{"model": path, "kind": "model" | "adapter" | "run"}``; it has no fine-tuning log)."""
     from .tasks import Splits
 
     d = root / STAGE_DIRS["finetune"] / name
@@ -375,7 +377,11 @@ def _read_task(root: Path, name: str, require: str, config: dict, source: dict |
         raise RunError(f"{root}: no task vector for {name!r} ({vec} is missing); run `taskvec vectors {root}` first")
     model_dir = d / "model" if (d / "model").is_dir() else None
     adapter_dir = d / "adapter" if (d / "adapter").is_dir() else None
-    if source:
+    if source and source["kind"] == "run":  # a task of a taskvec run: its task-model directory
+        src = Path(source["model"])
+        model_dir = src / "model" if (src / "model").is_dir() else None
+        adapter_dir = src / "adapter" if (src / "adapter").is_dir() else None
+    elif source:
         model_dir, adapter_dir = (None, Path(source["model"])) if source["kind"] == "adapter" \
             else (Path(source["model"]), None)
     return RunTask(name, splits, head_dir=d if (d / "head.json").is_file() else None,

@@ -51,7 +51,7 @@ class StudyTask:
     """One task of a study: its checkpoint, its data and how to read it, its metric."""
 
     name: str
-    model: str
+    model: object  # an HF model / peft adapter directory, or {run: DIR, task: NAME} (a taskvec run's task)
     data: object  # a path, a bundled task name, or a taskvec.tasks.Task
     text_column: str = "text"
     label_column: str = "label"
@@ -170,7 +170,54 @@ def _task_data(t: StudyTask):
         raise StudyError(f"task {t.name!r}: {e}") from None
 
 
+def _run_task(t: StudyTask):
+    """``(Run, RunTask)`` of a study task whose model is a task of a taskvec run (``{run: DIR, task: NAME}``)."""
+    from .runs import Run, RunError
+
+    m = t.model
+    bad = sorted(set(m) - {"run", "task"})
+    if bad or "run" not in m:
+        raise StudyError(f"task {t.name!r}: a model given as a mapping names a taskvec run task as "
+                         f"{{run: DIR, task: NAME}}; got keys {sorted(m)}")
+    try:
+        src = Run.open(m["run"], require="finetune")
+        return src, src.task(m.get("task", t.name))
+    except RunError as e:
+        raise StudyError(f"task {t.name!r}: {e}") from None
+
+
+def _fingerprint(model_dir) -> str:
+    from .task_vector import _as_state, state_fingerprint
+
+    state, config = _as_state(model_dir)
+    return state_fingerprint(state, config)
+
+
+def _run_head(t: StudyTask, rt, label_names: list[str]):
+    """A taskvec run task's own head (linear or label-word), its classes put in the data's label order."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    spec = rt.head
+    if sorted(spec.label_names) != sorted(label_names):
+        raise StudyError(f"task {t.name!r}: the run task's labels ({', '.join(spec.label_names)}) differ from the "
+                         f"data's ({', '.join(label_names)})")
+    perm = [spec.label_names.index(x) for x in label_names]
+    state = load_file(str(rt.head_dir / "head.safetensors"))
+    for k in list(state):
+        if k in ("linear.weight", "linear.bias", "token_ids", "weight") and state[k].shape[0] == len(perm):
+            state[k] = state[k][perm].contiguous()
+    spec = replace(spec, label_names=list(label_names), task=t.name,
+                   token_ids=[spec.token_ids[i] for i in perm] if spec.token_ids else [],
+                   label_words=[spec.label_words[i] for i in perm] if spec.label_words else [],
+                   source=f"{rt.head_dir} (taskvec {spec.kind} head)")
+    return spec, state
+
+
 def _checkpoint_kind(t: StudyTask) -> str:
+    if isinstance(t.model, dict):
+        return "run"
     p = Path(t.model)
     if (p / "adapter_config.json").is_file():
         return "adapter"
@@ -184,7 +231,16 @@ def _task_vector(t: StudyTask, kind: str, base_dir: Path, scope: str, base_shape
     from .task_vector import TaskVector
 
     try:
-        if kind == "adapter":
+        if kind == "run":
+            src, rt = _run_task(t)
+            if _fingerprint(src.base_model) != _fingerprint(base_dir):
+                raise StudyError(f"task {t.name!r}: run {src.root} was fine-tuned from {src.base_model}, not the "
+                                 f"study's base {base_dir} (their weights differ)")
+            if rt.adapter_dir is not None:
+                tv = TaskVector.from_peft(rt.adapter_dir, base=base_dir, task=t.name)
+            else:
+                tv = TaskVector.from_models(base_dir, rt.head_dir, scope=src.scope, task=t.name)
+        elif kind == "adapter":
             tv = TaskVector.from_peft(Path(t.model), base=base_dir, task=t.name)
         else:
             tv = TaskVector.from_models(base_dir, Path(t.model), scope=scope, task=t.name)
@@ -249,13 +305,18 @@ def prepare_study(source, out, overwrite: bool = False):
                                  max_test_fraction=0.5)
         except DataError as e:
             raise StudyError(f"task {t.name!r}: {e}") from None
-        try:
-            spec, head = read_head(t.model, base_dir, task.label_names, task=t.name)
-        except HeadError as e:
-            raise StudyError(f"task {t.name!r}: {e}") from None
+        if kind == "run":
+            rt = _run_task(t)[1]
+            spec, head = _run_head(t, rt, task.label_names)
+            source = {"model": str(rt.head_dir.resolve()), "kind": "run"}
+        else:
+            try:
+                spec, head = read_head(t.model, base_dir, task.label_names, task=t.name)
+            except HeadError as e:
+                raise StudyError(f"task {t.name!r}: {e}") from None
+            source = {"model": str(Path(t.model).resolve()), "kind": kind}
         tv = _task_vector(t, kind, base_dir, study.scope, shapes)
-        prepared[t.name] = {"task": task, "splits": splits, "head": (spec, head), "vector": tv,
-                            "source": {"model": str(Path(t.model).resolve()), "kind": kind}}
+        prepared[t.name] = {"task": task, "splits": splits, "head": (spec, head), "vector": tv, "source": source}
         log.info("study task %s: %s (%s), %d examples, head %s, ‖τ‖ = %.4g", t.name, t.model, kind, len(task),
                  spec.source, tv.norm())
     write_study(out, record, prepared, study.max_length)

@@ -253,3 +253,32 @@ def test_in_memory_data_with_a_missing_column_is_a_study_error(checkpoints, tmp_
     with pytest.raises(StudyError, match="in-memory data: .*column 'sentence' not found"):
         prepare_study(s, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_study_can_name_a_task_of_a_taskvec_run(tiny_run, tmp_path):
+    """`model: {run: DIR, task: NAME}`: the run task's own head and vector, beside an HF checkpoint of the same base."""
+    from taskvec.runs import Run
+
+    src = Run.open(tiny_run, require="vectors")
+    t = src.task("a").task
+    csv = _write_csv(t, tmp_path / "a.csv")
+    study = {"base_model": src.base_model, "scope": src.scope, "test_size": 30, "max_length": 32,
+             "tasks": [{"name": "a", "model": {"run": str(tiny_run), "task": "a"}, "data": str(csv),
+                        "text_column": "sentence"},
+                       {"name": "b", "model": {"run": str(tiny_run)}, "data": str(_write_csv(src.task("b").task,
+                                                                                         tmp_path / "b.csv")),
+                        "text_column": "sentence"}]}
+    run = prepare_study(study, tmp_path / "s")
+    for name in ("a", "b"):
+        got, want = run.vector(name), src.vector(name)
+        assert set(got.deltas) == set(want.deltas)
+        assert all(torch.equal(got.deltas[k], want.deltas[k]) for k in want.deltas)
+        assert run.task(name).head.kind == "linear"
+    assert run.description()["sources"]["a"]["kind"] == "run"
+    # a run task of another base (same architecture, other weights) is refused
+    from conftest import save_tiny
+
+    study["base_model"] = str(save_tiny(tmp_path / "other", "bert", seed=1))
+    with pytest.raises(StudyError, match="was fine-tuned from"):
+        prepare_study(study, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
