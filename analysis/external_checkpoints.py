@@ -3,10 +3,10 @@ loop and saved with ``save_pretrained``, and one peft LoRA adapter, explained an
 :mod:`taskvec.study`, with every claim checked on held-out test examples the predictor did not see.
 
 1. **Checkpoints** (stage ``train``): for each task, ``AutoModelForSequenceClassification`` on MiniLM (its own
-   pooler + classifier head, ``config.id2label`` = the task's labels), trained with AdamW by a plain loop on
-   the study's *training* split only (so no checkpoint saw an evaluation or held-out example). Full
-   checkpoints train W_Q, W_K, W_V and the head (a full ``save_pretrained`` directory); the LoRA task trains
-   a peft adapter on query/value with ``modules_to_save`` = pooler + classifier.
+   pooler + classifier head, ``config.id2label`` = the task's labels), trained on the study's *training* split
+   only (so no checkpoint saw an evaluation or held-out example): rotten_tomatoes with transformers'
+   ``Trainer``, trec by a plain AdamW loop (both train W_Q, W_K, W_V and the head and are saved whole), and
+   sms_spam as a peft LoRA adapter on query/value with ``modules_to_save`` = pooler + classifier.
 2. **Study** (stage ``study``): ``OUT/study.yaml`` naming the checkpoints and the bundled tasks, then
    ``taskvec.study.prepare_study`` → ``taskvec.validate_run`` (predictions on ``n_eval`` test examples per
    task, measurements there and on ``n_holdout`` others) → ``taskvec report``.
@@ -31,7 +31,7 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = {"rotten_tomatoes": "model", "trec": "model", "sms_spam": "lora"}
+TASKS = {"rotten_tomatoes": "trainer", "trec": "model", "sms_spam": "lora"}  # how each checkpoint is made
 STUDY = {"seed": 0, "test_size": 500, "max_length": 128, "scope": "qkv"}
 
 
@@ -66,11 +66,35 @@ def train_checkpoint(name: str, kind: str, dest: Path, steps: int, lr: float, ba
         for n, p in model.named_parameters():
             p.requires_grad = any(k in n for k in ("attention.self.query", "attention.self.key",
                                                    "attention.self.value", "classifier", "pooler"))
+    t0 = time.time()
+    if kind == "trainer":  # transformers' own Trainer, as most checkpoints on the hub are made
+        from transformers import Trainer, TrainingArguments
+
+        class _Data(torch.utils.data.Dataset):
+            def __len__(self):
+                return len(splits.train)
+
+            def __getitem__(self, i):
+                j = splits.train[i]
+                enc = tok(task.texts[j], truncation=True, max_length=STUDY["max_length"])
+                return dict(enc, labels=task.labels[j])
+
+        args = TrainingArguments(output_dir=str(dest) + ".trainer", max_steps=steps, learning_rate=lr,
+                                 per_device_train_batch_size=batch_size, report_to="none", save_strategy="no",
+                                 logging_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
+                                 lr_scheduler_type="constant")
+        from transformers import DataCollatorWithPadding
+
+        trainer = Trainer(model=model, args=args, train_dataset=_Data(), data_collator=DataCollatorWithPadding(tok))
+        out = trainer.train()
+        trainer.save_model(str(dest))
+        tok.save_pretrained(dest)
+        return {"task": name, "kind": kind, "steps": steps, "lr": lr, "seconds": time.time() - t0,
+                "final_loss": float(out.training_loss)}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     rng = np.random.default_rng(0)
     train = np.asarray(splits.train)
     model.train()
-    t0 = time.time()
     for _ in range(steps):
         idx = rng.choice(train, size=batch_size, replace=False)
         enc = tok([task.texts[i] for i in idx], padding=True, truncation=True, max_length=STUDY["max_length"],
