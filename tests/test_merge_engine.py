@@ -389,3 +389,121 @@ def test_merge_result_repr_is_a_summary(llamas, tmp_path):
     assert text.startswith("MergeResult(ties of 3 inputs [") and f"{len(base)} tensors merged" in text
     assert "tensor(" not in text and len(text) < 400
     assert "<table>" in res._repr_html_() and res._repr_html_().count("<tr>") == 4
+
+
+# --- model card, task heads, required parameters ------------------------------------------------------------
+
+
+def test_model_card_records_base_inputs_method_version_and_loading(llamas, tmp_path):
+    import re
+
+    import taskvec
+
+    root, base, fts = llamas
+    cfg = _cfg(root, "ties", {"lambda": 0.9}, [{"density": 0.3}, {"density": 0.6}, {"density": 1.0}])
+    merge(cfg, tmp_path / "out", show_progress=False, card_extra="## Validation\n\n| task | measured |\n|---|---|")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert f"`{root / 'base'}` (θ0" in card
+    for i in range(3):
+        assert f"| ft{i} | model | `{root / f'ft{i}'}` |" in card
+    rec = yaml.safe_load(card.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert rec == yaml.safe_load((tmp_path / "out" / "merge_config.yaml").read_text())
+    assert rec["method"] == "ties" and rec["parameters"] == {"lambda": 0.9}
+    assert [m["parameters"]["density"] for m in rec["models"]] == [0.3, 0.6, 1.0]
+    assert f"taskvec {taskvec.__version__} on " in card and re.search(r"on \d{4}-\d\d-\d\d \d\d:\d\d UTC", card)
+    assert f"AutoModel.from_pretrained({str(tmp_path / 'out')!r})" in card
+    assert "load_task_model" not in card  # no heads
+    assert card.rstrip().endswith("## Validation\n\n| task | measured |\n|---|---|")
+    assert not (tmp_path / "b").exists()
+    merge(cfg, tmp_path / "b", show_progress=False)  # no extra: the card ends with the loading section
+    assert (tmp_path / "b" / "README.md").read_text().rstrip().endswith("```")
+
+
+def test_run_heads_load_on_the_merged_backbone_as_the_card_says(berts, tmp_path):
+    from dataclasses import asdict
+
+    from transformers import AutoModel
+
+    import taskvec
+    from taskvec.modeling import HeadSpec, LinearHead
+
+    root, base, _ = berts
+    run = tmp_path / "RUN"
+    (run / "vectors").mkdir(parents=True)
+    names = [n for n, _ in base.named_parameters() if "attention.self" in n]
+    g = torch.Generator().manual_seed(3)
+    heads = {}
+    for task, labels in (("a", 2), ("b", 3)):
+        _vector(run / "vectors" / f"{task}.safetensors",
+                {n: 0.01 * torch.randn(p.shape, generator=g) for n, p in base.named_parameters()}, names)
+        torch.manual_seed(labels)
+        heads[task] = LinearHead(32, labels)
+        hd = run / "finetune" / task
+        hd.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in heads[task].state_dict().items()}, str(hd / "head.safetensors"))
+        spec = HeadSpec(kind="linear", pooling="mean", num_labels=labels, task=task)
+        (hd / "head.json").write_text(json.dumps(asdict(spec)))
+    (run / "run.json").write_text(json.dumps({"base_model": str(root / "base"), "scope": "qkv", "tasks": ["a", "b"]}))
+    out = tmp_path / "out"
+    merge({"run": str(run), "method": "task_arithmetic"}, out, show_progress=False)
+    card = (out / "README.md").read_text()
+    call = f"taskvec.load_task_model({str(out / 'heads' / 'a')!r}, backbone={str(out)!r})"
+    assert call in card and "`a`, `b`" in card
+    tm = eval(call, {"taskvec": taskvec})  # the card's own line
+    ids, mask = torch.tensor([[2, 7, 11, 5]]), torch.ones(1, 4, dtype=torch.long)
+    backbone = AutoModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        feats = backbone(input_ids=ids, attention_mask=mask).last_hidden_state.mean(1)
+        torch.testing.assert_close(tm.eval()(ids, mask), heads["a"](feats))
+    assert taskvec.load_task_model(out / "heads" / "b", backbone=out)(ids, mask).shape == (1, 3)
+
+
+def test_checkpoint_heads_are_described_as_raw_tensors_in_the_card(berts, tmp_path):
+    root, _, _ = berts
+    cfg = {"method": "task_arithmetic", "base_model": str(root / "base"), "models": [str(root / "ft0")]}
+    merge(cfg, tmp_path / "out", show_progress=False)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "heads/{ft0}/head.safetensors" in card and "not taskvec task heads" in card
+    assert "taskvec.load_task_model(" not in card
+
+
+@pytest.mark.parametrize("method", ["slerp", "nearswap"])
+def test_required_parameters_are_enforced_before_any_output(llamas, tmp_path, method):
+    root, _, _ = llamas
+    cfg = {"method": method, "base_model": str(root / "base"), "models": [{"model": str(root / "ft0")}]}
+    with pytest.raises(MergeError, match=rf"^method '{method}' requires parameter 't' \(.*\); set parameters\.t$"):
+        merge(cfg, tmp_path / "out", show_progress=False)
+    with pytest.raises(MergeError, match="requires parameter 't'"):
+        load_config(cfg)
+    # filter rules that leave a tensor without a value: refused when the names are known, before writing
+    cfg["parameters"] = {"t": [{"filter": "self_attn", "value": 0.3}]}
+    with pytest.raises(MergeError, match=r"requires parameter 't', but no filter rule of it matches tensor"):
+        merge(cfg, tmp_path / "out", show_progress=False)
+    assert list(tmp_path.iterdir()) == []
+    cfg["parameters"] = {"t": [{"filter": "self_attn", "value": 0.3}, {"value": 0.01}]}
+    merge(cfg, tmp_path / "out", show_progress=False)
+
+
+def test_lora_output_card_loads_with_peft(llamas, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root, base, _ = llamas
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA))
+    model.load_state_dict(base)
+    model = get_peft_model(model, LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.fill_(0.01)
+    model.save_pretrained(tmp_path / "ad")
+    cfg = {"method": "task_arithmetic", "base_model": str(root / "base"), "lora_rank": 2,
+           "models": [str(tmp_path / "ad")]}
+    merge(cfg, tmp_path / "out", show_progress=False)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "library_name: peft" in card
+    code = card.split("## How to load it\n\n```python\n", 1)[1].split("```", 1)[0]
+    scope = {}
+    exec(code, scope)
+    assert isinstance(scope["model"], PeftModel)

@@ -13,9 +13,13 @@ taskvec's format (a superset of mergekit's for the methods both have; see ``docs
     seed: 0
 
 or, for the tasks of a taskvec run, ``run: RUN/`` (optionally ``tasks: [a, b]`` or a mapping from task
-name to its parameters) instead of ``models``. A parameter value is a number, a gradient (a list of
-numbers interpolated over layers), or a list of ``{filter: SUBSTRING, value: ...}`` rules, the first
-rule whose filter occurs in the tensor name winning (mergekit's semantics).
+name to its parameters) instead of ``models``; or, for ``passthrough`` (layer stacking), mergekit's
+``slices: [{sources: [{model: DIR, layer_range: [a, b]}]}, ...]`` (see :mod:`taskvec.merge.passthrough`).
+
+A parameter value is a number, a gradient (a list of numbers interpolated over layers), or a list of
+``{filter: SUBSTRING, value: ...}`` rules, the first rule whose filter occurs in the tensor name winning
+(mergekit's semantics). A parameter a method declares ``required`` (slerp's and nearswap's ``t``, as in
+mergekit) must be set.
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ from typing import Any
 
 import yaml
 
+from . import passthrough as _passthrough  # noqa: F401  (registers the passthrough method)
 from .methods import METHODS, MergeError, Method, get_method
 
 TOP_KEYS = {
-    "method", "merge_method", "base_model", "models", "run", "tasks", "source", "parameters", "dtype",
+    "method", "merge_method", "base_model", "models", "slices", "run", "tasks", "source", "parameters", "dtype",
     "out_dtype", "seed", "shard_size", "lora_rank", "allow_different_tokenizers", "tokenizer_source",
 }
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
@@ -54,11 +59,33 @@ class ModelSpec:
 
 
 @dataclass
+class SliceSource:
+    """Layers ``layer_range = [a, b)`` of the model directory ``path`` (mergekit's slice source);
+    ``None``: all its layers (``passthrough`` of one whole model)."""
+
+    path: str
+    layer_range: tuple[int, int] | None
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass
+class SliceSpec:
+    """One output slice: its source (``passthrough``: exactly one) and slice-level parameters."""
+
+    sources: list[SliceSource]
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass
 class MergeConfig:
-    """A validated merge: method, base, inputs and (unevaluated) parameter settings."""
+    """A validated merge: method, base, inputs and (unevaluated) parameter settings.
+
+    ``slices`` (``passthrough`` only) replaces ``models``; ``base_model`` may then be None (the
+    non-layer tensors come from the first / last slice's model, as in mergekit).
+    """
 
     method: str
-    base_model: str
+    base_model: str | None
     models: list[ModelSpec]
     parameters: dict = field(default_factory=dict)
     dtype: str | None = None
@@ -67,6 +94,7 @@ class MergeConfig:
     lora_rank: int | None = None
     allow_different_tokenizers: bool = False
     run: str | None = None
+    slices: list[SliceSpec] | None = None
 
     @property
     def method_def(self) -> Method:
@@ -90,10 +118,15 @@ class MergeConfig:
 
     def to_dict(self) -> dict:
         """Plain form for ``merge_config.yaml``."""
-        d = {"method": self.method, "base_model": self.base_model}
+        d = {"method": self.method}
+        if self.base_model is not None:
+            d["base_model"] = self.base_model
         if self.run:
             d["run"] = self.run
-        d["models"] = [{k: v for k, v in asdict(m).items() if v not in (None, {})} for m in self.models]
+        if self.slices is not None:
+            d["slices"] = [_slice_dict(s) for s in self.slices]
+        else:
+            d["models"] = [{k: v for k, v in asdict(m).items() if v not in (None, {})} for m in self.models]
         d["parameters"] = self.parameters
         for k in ("dtype", "lora_rank"):
             if getattr(self, k) is not None:
@@ -103,6 +136,18 @@ class MergeConfig:
         if self.allow_different_tokenizers:
             d["allow_different_tokenizers"] = True
         return d
+
+
+def _slice_dict(s: SliceSpec) -> dict:
+    sources = []
+    for src in s.sources:
+        e = {"model": src.path}
+        if src.layer_range is not None:
+            e["layer_range"] = list(src.layer_range)
+        if src.parameters:
+            e["parameters"] = src.parameters
+        sources.append(e)
+    return {"sources": sources, **({"parameters": s.parameters} if s.parameters else {})}
 
 
 # --- settings: scalars, gradients, filters ------------------------------------------------------
@@ -203,8 +248,9 @@ def load_config(config: str | os.PathLike | dict | MergeConfig, **overrides) -> 
     """Parse and validate a merge config (a YAML path, a dict or a :class:`MergeConfig`).
 
     Accepts taskvec's keys and mergekit's (``merge_method``, ``models[].parameters``, top-level
-    ``parameters``, ``dtype``/``out_dtype``); refuses mergekit features taskvec does not have
-    (``slices``, ``modules``, ``model+lora`` references). Relative paths are taken relative to the YAML
+    ``parameters``, ``dtype``/``out_dtype``, ``slices`` with ``passthrough``); refuses mergekit features
+    taskvec does not have (``modules``, ``slices`` with other methods, ``model+lora`` references), and
+    configs missing a required parameter. Relative paths are taken relative to the YAML
     file's folder when they exist there, else to the working directory. Nothing is read but
     ``run.json``. Raises :class:`MergeError` with the offending key.
     """
@@ -234,9 +280,8 @@ def load_config(config: str | os.PathLike | dict | MergeConfig, **overrides) -> 
     if not isinstance(raw, dict):
         raise MergeError("a merge config is a mapping (method, base_model, models, ...)")
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    for k in ("slices", "modules"):
-        if k in raw:
-            raise MergeError(f"mergekit's {k!r} (layer slicing / modules) is not supported by taskvec merge")
+    if "modules" in raw:
+        raise MergeError("mergekit's 'modules' (per-module merges) is not supported by taskvec merge")
     unknown = set(raw) - TOP_KEYS
     if unknown:
         raise MergeError(f"unknown config keys {sorted(unknown)}; valid: {', '.join(sorted(TOP_KEYS))}")
@@ -252,7 +297,9 @@ def load_config(config: str | os.PathLike | dict | MergeConfig, **overrides) -> 
     cfg = MergeConfig(method=method, base_model="", models=[], parameters=params, dtype=dtype, seed=seed,
                       shard_size=_parse_size(raw.get("shard_size", 2 * 1024**3)), lora_rank=raw.get("lora_rank"),
                       allow_different_tokenizers=bool(raw.get("allow_different_tokenizers", False)))
-    if raw.get("run") is not None:
+    if method == "passthrough" or raw.get("slices") is not None:
+        _load_slices(cfg, raw, root)
+    elif raw.get("run") is not None:
         if raw.get("models"):
             raise MergeError("give either 'run' or 'models', not both")
         _expand_run(cfg, raw, root)
@@ -270,15 +317,90 @@ def load_config(config: str | os.PathLike | dict | MergeConfig, **overrides) -> 
             bad = set(m) - {"model", "name", "parameters", "head"}
             if bad:
                 raise MergeError(f"models[{i}]: unknown keys {sorted(bad)}; valid: model, name, parameters, head")
-            ref = str(m["model"])
-            if "+" in ref and not Path(ref).exists():
-                raise MergeError(f"models[{i}]: mergekit's 'model+lora' references are not supported; "
-                                 "list the peft adapter directory itself as a model")
-            p = _resolve_path(ref, root)
+            p = _model_ref(m["model"], root, f"models[{i}]")
             cfg.models.append(ModelSpec(p, str(m.get("name") or _task_name(p)), dict(m.get("parameters") or {}),
                                         _resolve_path(m["head"], root) if m.get("head") else None))
     _validate(cfg)
     return cfg
+
+
+def _model_ref(ref, root: Path | None, where: str) -> str:
+    ref = str(ref)
+    if "+" in ref and not Path(ref).exists():
+        raise MergeError(f"{where}: mergekit's 'model+lora' references are not supported; "
+                         "list the peft adapter directory itself as a model")
+    return _resolve_path(ref, root)
+
+
+def _mapping(v, where: str) -> dict:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise MergeError(f"{where}: expected a mapping of parameter names to values, got {v!r}")
+    return dict(v)
+
+
+def _load_slices(cfg: MergeConfig, raw: dict, root: Path | None) -> None:
+    """``slices`` (mergekit's layer stacking) for ``passthrough``; or ``models: [one model]`` (a copy)."""
+    if cfg.method != "passthrough":
+        raise MergeError(f"'slices' are supported with merge_method passthrough only (got {cfg.method!r}); "
+                         "for other methods list whole models under 'models'")
+    for k in ("run", "lora_rank"):
+        if raw.get(k) is not None:
+            raise MergeError(f"passthrough takes 'slices' (or one model under 'models'), not {k!r}")
+    if raw.get("base_model") is not None:
+        cfg.base_model = _resolve_path(str(raw["base_model"]), root)
+    else:
+        cfg.base_model = None
+    slices, models = raw.get("slices"), raw.get("models")
+    if slices is not None and models:
+        raise MergeError("give either 'slices' or 'models', not both (mergekit: exactly one of them)")
+    if slices is None:
+        if not isinstance(models, list) or len(models) != 1:
+            raise MergeError("passthrough needs 'slices' (layer ranges of models) or exactly one model under "
+                             f"'models' (got {len(models) if isinstance(models, list) else 'none'})")
+        m = models[0] if isinstance(models[0], dict) else {"model": models[0]}
+        if set(m) - {"model", "parameters"} or "model" not in m:
+            raise MergeError(f"models[0]: expected keys model and optionally parameters, got {m!r}")
+        src = SliceSource(_model_ref(m["model"], root, "models[0]"), None,
+                          _mapping(m.get("parameters"), "models[0].parameters"))
+        if cfg.base_model is not None and cfg.base_model != src.path:
+            raise MergeError("passthrough of one model copies that model: base_model must be absent or that "
+                             "model (mergekit refuses this too); use 'slices' to take layers from several models")
+        cfg.slices = [SliceSpec([src])]
+        return
+    if not isinstance(slices, list) or not slices:
+        raise MergeError("'slices' must be a non-empty list of {sources: [{model, layer_range}]}")
+    cfg.slices = []
+    for i, sl in enumerate(slices):
+        where = f"slices[{i}]"
+        if isinstance(sl, dict) and "sources" not in sl and "model" in sl:  # taskvec shorthand: one source
+            sl = {"sources": [{k: v for k, v in sl.items() if k != "parameters"}], "parameters": sl.get("parameters")}
+        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list):
+            raise MergeError(f"{where}: expected a mapping with 'sources' (a list of {{model, layer_range}}), "
+                             f"got {sl!r}")
+        bad = set(sl) - {"sources", "parameters"}
+        if bad:
+            raise MergeError(f"{where}: unsupported keys {sorted(bad)}; valid: sources, parameters")
+        if len(sl["sources"]) != 1:
+            raise MergeError(f"{where}: passthrough takes exactly one source per slice, got {len(sl['sources'])}")
+        sources = []
+        for j, src in enumerate(sl["sources"]):
+            w = f"{where}.sources[{j}]"
+            if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+                raise MergeError(f"{w}: expected a mapping with 'model' and 'layer_range', got {src!r}")
+            bad = set(src) - {"model", "layer_range", "parameters"}
+            if bad:
+                raise MergeError(f"{w}: unknown keys {sorted(bad)}; valid: model, layer_range, parameters")
+            lr = src["layer_range"]
+            if not (isinstance(lr, (list, tuple)) and len(lr) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
+                raise MergeError(f"{w}.layer_range {lr!r}: expected [start, end], two integers")
+            if not 0 <= lr[0] < lr[1]:
+                raise MergeError(f"{w}.layer_range {list(lr)}: need 0 <= start < end (end is exclusive)")
+            sources.append(SliceSource(_model_ref(src["model"], root, w), (lr[0], lr[1]),
+                                       _mapping(src.get("parameters"), f"{w}.parameters")))
+        cfg.slices.append(SliceSpec(sources, _mapping(sl.get("parameters"), f"{where}.parameters")))
 
 
 def _expand_run(cfg: MergeConfig, raw: dict, root: Path | None) -> None:
@@ -319,9 +441,20 @@ def _expand_run(cfg: MergeConfig, raw: dict, root: Path | None) -> None:
 
 def _validate(cfg: MergeConfig) -> None:
     m = get_method(cfg.method)
+    if (cfg.slices is None) == (m.name == "passthrough"):
+        raise MergeError("passthrough needs 'slices' (or one model under 'models')" if cfg.slices is None else
+                         f"'slices' are supported with merge_method passthrough only (got {m.name!r})")
     _check_params(m, cfg.parameters, "parameters", per_model_only=False)
     for i, spec in enumerate(cfg.models):
         _check_params(m, spec.parameters, f"models[{i}] ({spec.name}).parameters", per_model_only=True)
+    for i, sl in enumerate(cfg.slices or []):
+        _check_params(m, sl.parameters, f"slices[{i}].parameters", per_model_only=False)
+        for j, src in enumerate(sl.sources):
+            _check_params(m, src.parameters, f"slices[{i}].sources[{j}].parameters", per_model_only=True)
+    for p in m.params:  # required parameters (mergekit's ``required``): before any tensor is read
+        if p.required and (p.name not in cfg.parameters if not p.per_model else
+                           any(p.name not in s.parameters and p.name not in cfg.parameters for s in cfg.models)):
+            raise MergeError(f"method {m.name!r} requires parameter {p.name!r} ({p.doc}); set parameters.{p.name}")
     names = [s.name for s in cfg.models]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -330,14 +463,33 @@ def _validate(cfg: MergeConfig) -> None:
                 s.name = f"{s.name}_{i}"
     if cfg.dtype is not None and cfg.dtype not in DTYPES:
         raise MergeError(f"dtype {cfg.dtype!r}; valid: {', '.join(DTYPES)}")
+    if cfg.slices is not None and cfg.lora_rank is not None:
+        raise MergeError("passthrough (slices) writes a model; lora_rank is not available with it")
     if cfg.lora_rank is not None and (not isinstance(cfg.lora_rank, int) or cfg.lora_rank < 1):
         raise MergeError(f"lora_rank {cfg.lora_rank!r}: must be a positive integer")
     if cfg.shard_size < 1:
         raise MergeError("shard_size must be positive")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise MergeError(f"seed {cfg.seed!r}: must be an integer")
-    if not cfg.models:
+    if not cfg.models and not cfg.slices:
         raise MergeError("no input models")
+
+
+def check_required(cfg: MergeConfig, names, position) -> None:
+    """Every required parameter set by filter rules has a value for every tensor in ``names``
+    (``position(name)`` = its layer position): else a MergeError naming the first tensor without one."""
+    m = cfg.method_def
+    for p in m.params:
+        if not p.required:
+            continue
+        settings = [s.parameters.get(p.name, cfg.parameters.get(p.name)) for s in cfg.models] if p.per_model \
+            else [cfg.parameters.get(p.name)]
+        for setting in settings:
+            if isinstance(setting, list) and setting and all(isinstance(e, dict) for e in setting):
+                for n in names:
+                    if evaluate(setting, n, position(n)) is None:
+                        raise MergeError(f"method {m.name!r} requires parameter {p.name!r}, but no filter rule of "
+                                         f"it matches tensor {n!r}; add a rule without 'filter'")
 
 
 # --- writing --------------------------------------------------------------------------------------------
@@ -364,6 +516,8 @@ def to_mergekit(cfg: MergeConfig, kinds: dict[str, str] | None = None) -> dict:
                              f"{kind or 'task-vector file'}")
     if cfg.parameters.get("rescale") == "density":
         raise MergeError('mergekit has no rescale="density" mode')
+    if cfg.slices is not None:
+        return _slices_to_mergekit(cfg)
     models = []
     for i, spec in enumerate(cfg.models):
         params = {"weight": 1.0} | cfg.model_params(i) | spec.parameters
@@ -374,4 +528,28 @@ def to_mergekit(cfg: MergeConfig, kinds: dict[str, str] | None = None) -> dict:
     if g:
         out["parameters"] = g
     out["dtype"] = cfg.dtype or "float32"
+    return out
+
+
+def _slices_to_mergekit(cfg: MergeConfig) -> dict:
+    """mergekit's passthrough: its embeddings come from the first slice's model and its other non-layer
+    tensors (final norm, LM head) from the last slice's, whatever ``base_model`` says; taskvec takes them
+    from ``base_model`` when given, so a base other than those models cannot be written for mergekit."""
+    first, last = cfg.slices[0].sources[0].path, cfg.slices[-1].sources[0].path
+    if cfg.base_model is not None and not cfg.base_model == first == last:
+        raise MergeError(f"mergekit's passthrough takes the embeddings from the first slice's model ({first}) and "
+                         f"the final norm / LM head from the last slice's ({last}), not from base_model "
+                         f"{cfg.base_model}; drop base_model to write this merge for mergekit")
+    out = {"merge_method": "passthrough"}
+    if cfg.base_model is not None:
+        out["base_model"] = cfg.base_model
+    if len(cfg.slices) == 1 and cfg.slices[0].sources[0].layer_range is None:
+        src = cfg.slices[0].sources[0]
+        out["models"] = [{"model": src.path, **({"parameters": src.parameters} if src.parameters else {})}]
+    else:
+        out["slices"] = [_slice_dict(s) for s in cfg.slices]
+    if cfg.parameters:
+        out["parameters"] = cfg.parameters
+    if cfg.dtype is not None:  # else mergekit keeps each tensor's dtype
+        out["dtype"] = cfg.dtype
     return out

@@ -22,6 +22,10 @@ a backbone save (``layers.0...``) lines up with a ``BertModel`` (``encoder...``)
 ``classifier.*``) are that task's head: kept per task in ``OUT/heads/<task>/``, never merged. Base
 tensors outside the input's namespace (``lm_head`` for a backbone save) get τ = 0. Buffers (integer
 tensors, ``position_ids``, ``inv_freq``) are copied from the base.
+
+``passthrough`` configs (mergekit's ``slices``: layer stacking) are planned and streamed by
+:mod:`taskvec.merge.passthrough`; :func:`merge` writes both kinds, with the model card
+(:mod:`taskvec.merge.card`), atomically.
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ import torch
 
 from ..errors import ShapeMismatchError
 from ..io import atomic_dir, check_output
+from .card import MergeResult, model_card
 from .checkpoint import FLOATS, ST_DTYPES, Checkpoint, check_finite, is_buffer
-from .config import DTYPES, VECTOR_FORMAT, MergeConfig, dump_yaml, load_config, to_mergekit
+from .config import DTYPES, VECTOR_FORMAT, MergeConfig, check_required, dump_yaml, load_config, to_mergekit
 from .lora import LoraAdapter, factorize, write_adapter
 from .methods import MergeError
 from .params import LAYER_INDEX, expand, layer_position
@@ -252,6 +257,8 @@ def plan(cfg: MergeConfig) -> _Plan:
     """Open all headers and check that the inputs fit the base; reads no tensor data."""
     from ..modeling import ModelError, resolve_model
 
+    if cfg.slices is not None:
+        raise MergeError("a passthrough (slices) merge is planned by taskvec.merge.passthrough.plan")
     try:
         base_dir = resolve_model(cfg.base_model)
     except ModelError as e:
@@ -263,6 +270,7 @@ def plan(cfg: MergeConfig) -> _Plan:
     merge = {n for n in names if not is_buffer(n, base.info[n][1])}
     layers = [int(m.group(1)) for n in names if (m := LAYER_INDEX.search(n))]
     num_layers = base_cfg.get("num_hidden_layers") or (max(layers) + 1 if layers else 1)
+    check_required(cfg, [n for n in names if n in merge], lambda n: layer_position(n, num_layers))
     return _Plan(cfg, base_dir, base, inputs, names, merge, num_layers)
 
 
@@ -441,40 +449,13 @@ def _locate_nonfinite(p: _Plan, name, raw, xs, labels, a, b):
             raise MergeError(f"tensor {label[0]!r} in {label[1]} contains NaN or Inf")
 
 
-@dataclass
-class MergeResult:
-    """What :func:`merge` did (also written as ``OUT/merge_config.yaml``)."""
-
-    out_dir: str
-    method: str
-    inputs: list[dict]
-    tensors_merged: int
-    tensors_copied: int
-    heads: list[str]
-    seconds: float
-
-    def __repr__(self) -> str:
-        names = ", ".join(i["name"] for i in self.inputs)
-        heads = f", heads: {', '.join(self.heads)}" if self.heads else ""
-        return (f"MergeResult({self.method} of {len(self.inputs)} inputs [{names}] -> {self.out_dir}: "
-                f"{self.tensors_merged} tensors merged, {self.tensors_copied} copied{heads}; {self.seconds:.1f} s)")
-
-    def _repr_html_(self) -> str:
-        import html
-
-        rows = "".join(f"<tr><td>{html.escape(i['name'])}</td><td>{html.escape(i['kind'])}</td>"
-                       f"<td>{html.escape(i['path'])}</td></tr>" for i in self.inputs)
-        return (f"<p><b>{html.escape(self.method)}</b> → <code>{html.escape(self.out_dir)}</code>: "
-                f"{self.tensors_merged} tensors merged, {self.tensors_copied} copied, {self.seconds:.1f} s</p>"
-                f"<table><tr><th>input</th><th>kind</th><th>path</th></tr>{rows}</table>")
-
-
 def _torch_dtype(name: str | None) -> torch.dtype | None:
     return None if name is None else getattr(torch, DTYPES[name])
 
 
 def merge(config, out, overwrite: bool = False, device: str = "cpu", dtype: str | None = None,
-          show_progress: bool = True, write_mergekit: bool = False, **overrides) -> MergeResult:
+          show_progress: bool = True, write_mergekit: bool = False, card_extra: str | None = None,
+          **overrides) -> MergeResult:
     """Merge the models of ``config`` into the directory ``out``.
 
     Args:
@@ -482,13 +463,15 @@ def merge(config, out, overwrite: bool = False, device: str = "cpu", dtype: str 
             mergekit's format.
         out: output directory: sharded safetensors + the base's config and tokenizer (loadable with
             ``transformers.AutoModel*.from_pretrained``), ``heads/<task>/`` for task heads,
-            ``merge_config.yaml``; with ``lora_rank`` in the config, a peft adapter directory instead.
+            ``merge_config.yaml``, ``README.md`` (model card); with ``lora_rank`` in the config, a peft
+            adapter directory instead. ``passthrough`` configs (``slices``) stack layers instead.
         overwrite: replace an existing ``out`` (refused otherwise, before any work).
         device: where the arithmetic runs (``"cpu"``, ``"cuda"``); I/O stays on the CPU.
         dtype: output dtype of floating tensors (float32, bfloat16, float16); overrides the config's
             ``dtype``/``out_dtype``; default: the base's dtype.
         show_progress: tqdm bar over tensors.
         write_mergekit: also write ``out/mergekit.yaml``, the same merge in mergekit's format.
+        card_extra: markdown appended to the model card ``out/README.md`` (e.g. measured accuracies).
         **overrides: top-level config keys (e.g. ``method``, ``seed``) replacing the config's.
     Returns:
         :class:`MergeResult`.
@@ -501,8 +484,15 @@ def merge(config, out, overwrite: bool = False, device: str = "cpu", dtype: str 
     cfg = load_config(config, **overrides)
     out = Path(out)
     check_output(out, overwrite)
-    p = plan(cfg)
-    kinds = {inp.path.as_posix(): inp.kind for inp in p.inputs}
+    if cfg.slices is not None:
+        from . import passthrough
+
+        p = passthrough.plan(cfg)
+        inputs, kinds = p.inputs, {}
+    else:
+        p = plan(cfg)
+        inputs = [{"name": i.name, "kind": i.kind, "path": str(i.path)} for i in p.inputs]
+        kinds = {inp.path.as_posix(): inp.kind for inp in p.inputs}
     mergekit_cfg = to_mergekit(cfg, kinds) if write_mergekit else None
     if cfg.lora_rank and any(i.kind != "lora" or i.keys for i in p.inputs):
         raise MergeError("lora_rank output needs every input to be a LoRA adapter with LoRA targets only "
@@ -513,9 +503,13 @@ def merge(config, out, overwrite: bool = False, device: str = "cpu", dtype: str 
     from tqdm.auto import tqdm
 
     n_merged = n_copied = 0
-    with atomic_dir(out, overwrite) as tmp, tqdm(total=len(p.names), unit="tensor", desc=f"merge ({cfg.method})",
+    heads = []
+    n_total = len(p.items) if cfg.slices is not None else len(p.names)
+    with atomic_dir(out, overwrite) as tmp, tqdm(total=n_total, unit="tensor", desc=f"merge ({cfg.method})",
                                                  disable=not show_progress) as bar:
-        if cfg.lora_rank:
+        if cfg.slices is not None:
+            n_merged, n_copied = p.write(tmp, out_dtype, cfg.dtype, bar)
+        elif cfg.lora_rank:
             n_merged = _write_lora(p, tmp, device, out_dtype, bar)
         else:
             specs = []
@@ -536,13 +530,17 @@ def merge(config, out, overwrite: bool = False, device: str = "cpu", dtype: str 
             n_merged = sum(1 for n in p.names if n in p.merge and any(i.covers(n) for i in p.inputs))
             n_copied = len(p.names) - n_merged
             _copy_base_files(p.base_dir, tmp, cfg.dtype)
-        heads = _write_heads(p, tmp)
+        if cfg.slices is None:
+            heads = _write_heads(p, tmp)
         record = cfg.to_dict()
-        record["inputs"] = [{"name": i.name, "kind": i.kind, "path": str(i.path)} for i in p.inputs]
+        record["inputs"] = inputs
         (tmp / "merge_config.yaml").write_text(dump_yaml(record))
         if mergekit_cfg is not None:
             (tmp / "mergekit.yaml").write_text(dump_yaml(mergekit_cfg))
-    return MergeResult(str(out), cfg.method, record["inputs"], n_merged, n_copied, heads, time.time() - t0)
+        card = model_card(out, tmp, record, heads, base_dir=p.base_dir, adapter=bool(cfg.lora_rank),
+                          layers=getattr(p, "table", None), extra=card_extra)
+        (tmp / "README.md").write_text(card)
+    return MergeResult(str(out), cfg.method, inputs, n_merged, n_copied, heads, time.time() - t0)
 
 
 def _copy_base_files(base_dir: Path, dest: Path, dtype: str | None) -> None:
