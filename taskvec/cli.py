@@ -341,8 +341,14 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (TaskvecError, ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"taskvec {args.command}: error: {e}", file=sys.stderr)
+        print(f"taskvec {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: BaseException) -> str:
+    """An error's message on one line (a YAML parser's, say, spans several: its lines joined with ' | ')."""
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    return " | ".join(ln for ln in lines if ln and ln.strip("^ ")) or type(e).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,16 +30,16 @@ import shutil
 import sys as _sys
 import time
 import types as _types
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import TaskvecError
-from .io import atomic_dir, check_output, write_json
-from .modeling import is_decoder, load_tokenizer, resolve_model
+from .errors import DataError, TaskvecError
+from .io import atomic_dir, check_output, check_value, run_lock, write_json
+from .modeling import check_model, is_decoder, load_tokenizer, resolve_model
 from .stopping import StopDecision, TrainContext, make_rule
 from .tasks import Batches, Splits, Task, load_task, make_splits, save_task
 from .training import (  # build_task_model, evaluate and flip_labels are part of this module's API
@@ -57,6 +57,10 @@ from .training import (  # build_task_model, evaluate and flip_labels are part o
 )
 
 log = logging.getLogger(__name__)
+
+
+class ConfigError(TaskvecError, ValueError):
+    """A :class:`FinetuneConfig` field of the wrong type or out of range; the message names the field."""
 
 
 def _opt(default, *, help: str, **meta):
@@ -127,25 +131,43 @@ class FinetuneConfig:
     def __post_init__(self):
         from .scopes import check_scope
 
-        check_scope(self.scope)  # a bad scope fails here, before any output exists
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
-        if self.loss not in ("ce", "mse"):
-            raise ValueError(f"loss must be 'ce' or 'mse', got {self.loss!r}")
-        if self.head not in ("auto", "probe", "label_words", "random"):
-            raise ValueError(f"head must be auto, probe, label_words or random, got {self.head!r}")
-        if self.schedule not in ("constant", "linear"):
-            raise ValueError(f"schedule must be 'constant' or 'linear', got {self.schedule!r}")
-        for k in ("batch_size", "max_steps", "eval_every"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if isinstance(self.early_stopping, str):
             self.early_stopping = [r for r in self.early_stopping.split(",") if r and r != "none"]
+        self._check_types()
+        check_scope(self.scope)  # a bad scope fails here, before any output exists
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.loss not in ("ce", "mse"):
+            raise ConfigError(f"loss must be 'ce' or 'mse', got {self.loss!r}")
+        if self.head not in ("auto", "probe", "label_words", "random"):
+            raise ConfigError(f"head must be auto, probe, label_words or random, got {self.head!r}")
+        if self.schedule not in ("constant", "linear"):
+            raise ConfigError(f"schedule must be 'constant' or 'linear', got {self.schedule!r}")
+        for k in ("batch_size", "max_steps", "eval_every"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("lr", "weight_decay", "momentum", "warmup_steps", "lora_dropout"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if any(not isinstance(v, dict) for v in self.rule_args.values()):
+            raise ConfigError(f"rule_args: expected {{rule: {{key: value}}}}, got {self.rule_args!r}")
         if not 0.0 <= self.label_noise < 1.0:
-            raise ValueError(f"label_noise must be in [0, 1), got {self.label_noise}")
+            raise ConfigError(f"label_noise must be in [0, 1), got {self.label_noise}")
         self.eval_steps = sorted({int(k) for k in (self.eval_steps or [])})
         if any(k < 1 for k in self.eval_steps):
-            raise ValueError(f"eval_steps must be >= 1, got {self.eval_steps}")
+            raise ConfigError(f"eval_steps must be >= 1, got {self.eval_steps}")
+
+    def _check_types(self) -> None:
+        """Every field against its annotation (configs read from YAML arrive untyped); a float given as a
+        numeric string (YAML reads ``1e-3`` as one) is converted. Raises :class:`ConfigError` naming the field."""
+        import typing
+
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            try:
+                setattr(self, f.name, check_value(f.name, getattr(self, f.name), hints[f.name]))
+            except TaskvecError as e:
+                raise ConfigError(str(e)) from None
 
     def lr_at(self, step: int) -> float:
         """Learning rate at 0-based optimiser step ``step``."""
@@ -488,6 +510,11 @@ def finetune(base, tasks, out, config: FinetuneConfig | None = None, overwrite: 
     ``tasks``: names of bundled tasks, file paths, or :class:`Task` objects. A task whose directory is
     already complete is reused (its log is read back), so a re-run resumes where it stopped; ``overwrite``
     redoes everything. Writes ``out/run.json``.
+
+    Everything that can be checked before training is checked before ``out`` is touched: the tasks and
+    their splits, the base model's directory (config, weights, tokenizer) and the stopping rules. ``out``
+    is locked for the whole call (:func:`taskvec.io.run_lock`): a second process fine-tuning into it, or
+    running the pipeline there, is refused with a one-line message naming this one.
     """
     config = config or FinetuneConfig()
     out = Path(out)
@@ -497,17 +524,44 @@ def finetune(base, tasks, out, config: FinetuneConfig | None = None, overwrite: 
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise TaskvecError(f"duplicate task names: {names}")
+    splits = preflight(base, tasks, config)
+    with run_lock(out, "taskvec finetune"):
+        return _finetune_locked(base, tasks, out, config, splits, overwrite, progress)
+
+
+def preflight(base, tasks: list[Task], config: FinetuneConfig) -> dict[str, Splits]:
+    """What fine-tuning can check before writing anything: every task's splits, the base model's directory
+    (:func:`taskvec.modeling.check_model`: config, safetensors headers, tokenizer) and the stopping rules
+    with their arguments. Returns ``{task: Splits}``."""
+    splits = {t.name: _checked_splits(t, config) for t in tasks}
+    check_model(base)
+    try:
+        _make_rules(config, tasks[0].name if tasks else "", True)
+    except TypeError as e:
+        raise ConfigError(f"rule_args {config.rule_args}: {e}") from None
+    return splits
+
+
+def _checked_splits(task: Task, config: FinetuneConfig) -> Splits:
+    """The task's splits (:func:`make_splits`), made before anything is written; a file task's errors name
+    its file."""
+    try:
+        return make_splits(task, config.seed, config.test_size, config.val_size, config.max_train)
+    except DataError as e:
+        source = getattr(task, "source", None)
+        raise DataError(f"{source}: {e}" if source and str(source) not in str(e) else str(e)) from None
+
+
+def _finetune_locked(base, tasks: list[Task], out: Path, config: FinetuneConfig, splits: dict, overwrite: bool,
+                     progress: bool) -> list[TaskResult]:
     from .runs import finished_log, read_description, run_file, stage_path, task_dir
 
+    names = [t.name for t in tasks]
     meta = {"base_model": str(resolve_model(base)), "scope": config.scope, "tasks": names,
             "config": asdict(config)}
     old = None if overwrite else read_description(out)
     if old is not None:
-        # fields added to FinetuneConfig after a run was written count as their defaults
-        old_config = {**asdict(FinetuneConfig()), **old.get("config", {})}
-        if old.get("base_model") != meta["base_model"] or old_config != meta["config"]:
-            raise TaskvecError(f"{out} holds a run with another base model or configuration; use a new "
-                               "output directory or overwrite=True (--overwrite)")
+        _check_same_run(out, run_file(out), old, meta)
         meta["tasks"] = list(dict.fromkeys(old.get("tasks", []) + names))
     out.mkdir(parents=True, exist_ok=True)  # only once the tasks, the model and the config are known good
     write_json(run_file(out), meta)
@@ -520,9 +574,34 @@ def finetune(base, tasks, out, config: FinetuneConfig | None = None, overwrite: 
             results.append(TaskResult(**{k: log[k] for k in keys if k in log}))
             continue
         random.seed(config.seed)
-        results.append(finetune_task(base, t, d, config, overwrite=overwrite, progress=progress))
+        results.append(finetune_task(base, t, d, config, splits=splits[t.name], overwrite=overwrite,
+                                     progress=progress))
     write_json(stage_path(out, "finetune") / "summary.json", [asdict(r) | {"curve": None} for r in results])
     return results
+
+
+def _check_same_run(out: Path, path: Path, old, meta: dict) -> None:
+    """Refuse to add to the run ``old`` (its ``run.json`` at ``path``) with another base model or config,
+    naming what differs."""
+    hint = "use a new output directory or overwrite=True (--overwrite)"
+    if not isinstance(old, dict):
+        raise TaskvecError(f"{path} is not a run description (expected a JSON object with base_model, tasks, "
+                           f"config; got {type(old).__name__}); {hint}")
+    if "base_model" not in old:
+        raise TaskvecError(f"{path} has no base_model (written by another taskvec version?); {hint}")
+    for k, tp, what in (("tasks", list, "a list of task names"), ("config", dict, "a mapping")):
+        if not isinstance(old.get(k, tp()), tp):
+            raise TaskvecError(f"{path}: {k} is not {what} (written by another taskvec version?); {hint}")
+    if old["base_model"] != meta["base_model"]:
+        raise TaskvecError(f"{out} holds a run with another base model or configuration (base_model: "
+                           f"{old['base_model']!r} there, {meta['base_model']!r} here); {hint}")
+    # fields added to FinetuneConfig after a run was written count as their defaults
+    old_config = {**asdict(FinetuneConfig()), **old.get("config", {})}
+    diff = [k for k in sorted(set(old_config) | set(meta["config"])) if old_config.get(k) != meta["config"].get(k)]
+    if diff:
+        shown = ", ".join(f"{k}: {old_config.get(k)!r} there, {meta['config'].get(k)!r} here" for k in diff[:3])
+        raise TaskvecError(f"{out} holds a run with another base model or configuration ({shown}"
+                           f"{', ...' if len(diff) > 3 else ''}); {hint}")
 
 
 def results_table(results: list[TaskResult]) -> str:

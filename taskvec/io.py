@@ -1,15 +1,27 @@
-"""Atomic output helpers: write to a temporary sibling, then rename."""
+"""Atomic output helpers (write to a temporary sibling, then rename), the inter-process lock on an output,
+and the type check of values read from configs."""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import numbers
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
+import threading
+import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from .errors import OutputExistsError
+from .errors import OutputExistsError, TaskvecError
+
+log = logging.getLogger(__name__)
+
+
+class LockError(TaskvecError):
+    """An output (a run directory, a cache entry) is in use by another taskvec process."""
 
 
 def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -104,3 +116,220 @@ def replace_marked_section(path, name: str, text: str) -> bool:
         with atomic_file(p) as tmp:
             tmp.write_text(new)
     return bool(n)
+
+
+# --- the lock on an output -------------------------------------------------------------------------------
+
+_held: dict[str, list] = {}  # lock file -> [owning thread id, depth]: this process's locks (re-entry)
+_held_guard = threading.Lock()
+
+
+def lock_file(path: str | os.PathLike) -> Path:
+    """The lock file of the output ``path``: ``.<name>.lock`` beside it (so ``path`` need not exist yet)."""
+    p = Path(os.path.abspath(Path(path).expanduser()))
+    return p.with_name(f".{p.name or 'root'}.lock")
+
+
+def _holder(lockfile: Path) -> str:
+    try:
+        text = lockfile.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        text = ""
+    return text or "pid unknown"
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str, blocking: bool = False):
+    """Hold the inter-process lock on the output ``path`` (a run directory, a cache entry) for the block.
+
+    The lock is ``fcntl.flock`` on :func:`lock_file` (``.<name>.lock`` beside ``path``), which records the
+    holder (pid, start time, ``what`` it is doing). A second process is refused with a :class:`LockError`
+    naming the holder (``blocking=False``), or waits for it (``blocking=True``). The lock is released
+    when the block exits, also on exceptions, and by the kernel when the holding process dies (a stale
+    file left by a killed process locks nothing); the lock file is removed on release, and so are the
+    folders that were created for it and are still empty. Re-entrant in the thread that holds it (a
+    pipeline that locks its run directory calls fine-tuning, which locks it again).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock (Windows): unlocked, as before
+        yield Path(path)
+        return
+    lockfile = lock_file(path)
+    key = str(lockfile)
+    me = threading.get_ident()
+    with _held_guard:
+        entry = _held.get(key)
+        if entry is not None and entry[0] == me:
+            entry[1] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield Path(path)
+        finally:
+            with _held_guard:
+                _held[key][1] -= 1
+        return
+    try:
+        created = _acquire_dirs(lockfile.parent)
+    except OSError as e:
+        raise LockError(f"cannot create {lockfile.parent} for the lock file of {path} ({e.strerror})") from None
+    try:
+        fd = _acquire(fcntl, lockfile, path, blocking, created)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: {what}".encode())
+        with _held_guard:
+            _held[key] = [me, 1]
+        try:
+            yield Path(path)
+        finally:
+            with _held_guard:
+                _held.pop(key, None)
+    finally:
+        try:  # removed while still locked: a process that opened it before waits, then sees it is gone
+            os.unlink(lockfile)
+        except OSError:
+            pass
+        os.close(fd)
+        _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders created for a lock file, innermost first, while they are empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def _acquire_dirs(folder: Path) -> list[Path]:
+    """Create ``folder`` (and its missing parents) for a lock file; returns those created, innermost first."""
+    missing = []
+    d = folder
+    while not d.exists():
+        missing.append(d)
+        d = d.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _acquire(fcntl, lockfile: Path, path, blocking: bool, created: list[Path]) -> int:
+    """An open descriptor of ``lockfile`` holding its flock (the file at that path, not one since removed);
+    folders made again on the way are added to ``created``."""
+    while True:
+        try:
+            fd = os.open(lockfile, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # its folder was removed by a holder releasing: create it again
+            created[:0] = _acquire_dirs(lockfile.parent)
+            continue
+        except OSError as e:
+            raise LockError(f"cannot create the lock file {lockfile} for {path} ({e.strerror}); taskvec needs to "
+                            f"write in {lockfile.parent}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(lockfile)
+                if not blocking:
+                    raise LockError(f"{path} is in use by another taskvec process ({holder}); wait for it or "
+                                    f"remove {lockfile} if that process is gone") from None
+                log.info("%s is in use by another taskvec process (%s); waiting for it", path, holder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lockfile).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the holder removed the file while we waited: lock the one at the path now
+
+
+def run_lock(path: str | os.PathLike, what: str):
+    """:func:`exclusive_lock` on a run directory, non-blocking, taken by the main process of a launch only.
+
+    Under ``torchrun`` / ``accelerate launch`` (``RANK`` set) every rank of one job writes into the same
+    run, so only rank 0 takes the lock; the other ranks of a second job are stopped by the launcher when
+    its rank 0 is refused.
+    """
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return nullcontext(Path(path))
+    return exclusive_lock(path, what)
+
+
+# --- types of values read from configs -------------------------------------------------------------------
+
+
+def check_value(where: str, value, tp):
+    """``value`` checked against the annotation ``tp`` (``int``, ``float``, ``bool``, ``str``, ``dict``,
+    ``list[X]``, ``X | None``, or anything else: not checked); returns it, with a float given as a
+    numeric string (YAML reads ``1e-3`` as one) converted. Raises :class:`TaskvecError` naming ``where``,
+    the expected type and the value given."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return check_value(where, value, rest[0])
+        for a in rest:
+            try:
+                return check_value(where, value, a)
+            except TaskvecError:
+                pass
+        raise TaskvecError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    elif tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            raise TaskvecError(f"{where}: expected a finite number, got {value!r}")
+    elif tp is str:
+        ok = isinstance(value, str)
+    elif tp is dict or origin is dict:
+        ok = isinstance(value, dict)
+    elif tp is list or origin is list:
+        if not isinstance(value, list):
+            raise TaskvecError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return [check_value(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value)] if args else value
+    else:
+        return value
+    if not ok:
+        raise TaskvecError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _type_name(tp) -> str:
+    import typing
+
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+             list: "a list", type(None): "none"}
+    if tp in names:
+        return names[tp]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is list:
+        return f"a list of {_type_name(args[0]).removeprefix('an ').removeprefix('a ')}s" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    if args:
+        return " or ".join(_type_name(a) for a in args)
+    return getattr(tp, "__name__", str(tp))

