@@ -28,7 +28,7 @@ def collect(run_dir) -> dict:
     ``ntk`` (the ntk stage's summary and spectrum reports, or ``None``), ``validation`` (or ``None``)."""
     from .runs import open_run
 
-    run = open_run(run_dir, require="run")
+    run = open_run(run_dir, require="finetune")  # a run whose tasks never finished has nothing to report
     desc = run.description()
     if run.kind == "study":  # where each task's head came from (HeadSpec.source)
         desc["heads"] = {t: (rt.head.source if rt.head is not None else None) for t, rt in run.tasks.items()}

@@ -175,6 +175,8 @@ class Run:
         missing = [k for k in ("base_model", "tasks") if k not in meta]
         if missing:
             raise RunError(f"{root / RUN_FILE} has no {', '.join(missing)}")
+        if not isinstance(meta["tasks"], list) or not all(isinstance(t, str) and t for t in meta["tasks"]):
+            raise RunError(f"{root / RUN_FILE}: 'tasks' must be a list of task names, got {meta['tasks']!r}")
         config = meta.get("config") or {}
         sources = meta.get("sources") or {}
         tasks = {name: _read_task(root, name, require, config, sources.get(name)) for name in meta["tasks"]}

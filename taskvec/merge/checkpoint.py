@@ -74,6 +74,8 @@ class Checkpoint:
                 if n <= 0 or 8 + n > size:
                     raise ValueError(f"header length {n} does not fit a file of {size} bytes")
                 header = json.loads(fh.read(n))
+            if not isinstance(header, dict):
+                raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
             start = 8 + n
             for k, v in header.items():
                 if k == "__metadata__":
@@ -81,12 +83,15 @@ class Checkpoint:
                         self.metadata = dict(v or {})
                     continue
                 a, b = v["data_offsets"]
-                shape, dt = tuple(int(x) for x in v["shape"]), v["dtype"]
+                if not all(type(x) is int and x >= 0 for x in (*v["shape"], a, b)):
+                    raise ValueError(f"tensor {k!r}: shape {v['shape']} and offsets {v['data_offsets']} must be "
+                                     "non-negative integers")
+                shape, dt = tuple(v["shape"]), v["dtype"]
                 nbytes = math.prod(shape) * torch.empty((), dtype=ST_DTYPES[dt]).element_size()
                 if not (0 <= a <= b and b - a == nbytes and start + b <= size):
                     raise ValueError(f"tensor {k!r}: offsets {a}..{b} do not fit dtype {dt} shape {list(shape)}")
                 self.where[k], self.info[k], self._offsets[k] = f, (shape, dt), (start + a, start + b)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
             raise MergeError(f"cannot read safetensors file {f} (corrupted header?): {e}") from None
 
     def get(self, name: str) -> torch.Tensor:

@@ -292,6 +292,8 @@ def load_config(config: str | os.PathLike | dict | MergeConfig, **overrides) -> 
     if raw.get("tokenizer_source") not in (None, "base"):
         raise MergeError("tokenizer_source: only 'base' is supported (the base's tokenizer is copied)")
     dtype = raw.get("out_dtype") or raw.get("dtype")
+    if not isinstance(raw.get("parameters") or {}, dict):
+        raise MergeError(f"parameters: expected a mapping of parameter names to values, got {raw['parameters']!r}")
     params = dict(raw.get("parameters") or {})
     seed = raw.get("seed", params.get("seed", 0))
     cfg = MergeConfig(method=method, base_model="", models=[], parameters=params, dtype=dtype, seed=seed,
@@ -309,6 +311,8 @@ def load_config(config: str | os.PathLike | dict | MergeConfig, **overrides) -> 
         if raw.get("base_model") is None:
             raise MergeError("config needs 'base_model'")
         cfg.base_model = _resolve_path(str(raw["base_model"]), root)
+        if not isinstance(raw["models"], list):
+            raise MergeError(f"models: expected a list of inputs ({{model: DIR}} or DIR), got {raw['models']!r}")
         for i, m in enumerate(raw["models"]):
             if isinstance(m, str):
                 m = {"model": m}
@@ -317,6 +321,8 @@ def load_config(config: str | os.PathLike | dict | MergeConfig, **overrides) -> 
             bad = set(m) - {"model", "name", "parameters", "head"}
             if bad:
                 raise MergeError(f"models[{i}]: unknown keys {sorted(bad)}; valid: model, name, parameters, head")
+            if not isinstance(m.get("parameters") or {}, dict):
+                raise MergeError(f"models[{i}].parameters: expected a mapping, got {m['parameters']!r}")
             p = _model_ref(m["model"], root, f"models[{i}]")
             cfg.models.append(ModelSpec(p, str(m.get("name") or _task_name(p)), dict(m.get("parameters") or {}),
                                         _resolve_path(m["head"], root) if m.get("head") else None))
