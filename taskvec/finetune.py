@@ -23,7 +23,6 @@ to the ``taskvec.finetune`` logger.
 
 from __future__ import annotations
 
-import html
 import logging
 import random
 import shutil
@@ -42,6 +41,7 @@ from .io import atomic_dir, check_output, check_value, run_lock, write_json
 from .modeling import check_model, is_decoder, load_tokenizer, resolve_model
 from .stopping import StopDecision, TrainContext, make_rule
 from .tasks import Batches, Splits, Task, load_task, make_splits, save_task
+from .task_result import RESULT_COLUMNS, TaskResult, results_table  # noqa: F401 (re-exported)
 from .training import (  # build_task_model, evaluate and flip_labels are part of this module's API
     build_task_model,
     evaluate,
@@ -177,46 +177,6 @@ class FinetuneConfig:
             rest = max(1, self.max_steps - self.warmup_steps)
             return self.lr * max(0.0, 1.0 - (step - self.warmup_steps) / rest)
         return self.lr
-
-
-@dataclass
-class TaskResult:
-    """Outcome of one task's fine-tuning (also in ``log.json``)."""
-
-    task: str
-    path: str
-    stop_reason: str
-    best_step: int
-    steps: int
-    probe_test_accuracy: float
-    test_accuracy: float
-    test_loss: float
-    majority_accuracy: float
-    wall_time_s: float
-    curve: list[dict] = field(default_factory=list)
-    rules: list[dict] = field(default_factory=list)
-
-    def __repr__(self) -> str:
-        return (f"TaskResult({self.task!r}: test accuracy {100 * self.probe_test_accuracy:.1f}% probe -> "
-                f"{100 * self.test_accuracy:.1f}% fine-tuned "
-                f"({100 * (self.test_accuracy - self.probe_test_accuracy):+.1f} points), best step "
-                f"{self.best_step}/{self.steps}, stop: {self.stop_reason})")
-
-    def table_row(self) -> list[str]:
-        """The cells under :data:`RESULT_COLUMNS` (percentages, whole stop reason), as strings."""
-        return [self.task, f"{100 * self.majority_accuracy:.1f}", f"{100 * self.probe_test_accuracy:.1f}",
-                f"{100 * self.test_accuracy:.1f}", f"{100 * (self.test_accuracy - self.probe_test_accuracy):+.1f}",
-                str(self.best_step), str(self.steps), self.stop_reason, f"{self.wall_time_s:.0f}"]
-
-    def _repr_html_(self) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in RESULT_COLUMNS)
-        row = "".join(f"<td>{html.escape(x)}</td>" for x in self.table_row())
-        return f"<table><thead><tr>{head}</tr></thead><tbody><tr>{row}</tr></tbody></table>"
-
-
-# the columns of TaskResult.table_row (results_table, TaskResult._repr_html_, the report's fine-tuning table)
-RESULT_COLUMNS = ["task", "majority %", "probe %", "fine-tuned %", "Δ points", "best step", "steps", "stop",
-                  "wall s"]
 
 
 # --- the training loss ----------------------------------------------------------------------------------
@@ -602,20 +562,6 @@ def _check_same_run(out: Path, path: Path, old, meta: dict) -> None:
         shown = ", ".join(f"{k}: {old_config.get(k)!r} there, {meta['config'].get(k)!r} here" for k in diff[:3])
         raise TaskvecError(f"{out} holds a run with another base model or configuration ({shown}"
                            f"{', ...' if len(diff) > 3 else ''}); {hint}")
-
-
-def results_table(results: list[TaskResult]) -> str:
-    """Markdown table: probe vs fine-tuned test accuracy, stop step and (whole) stop reason, wall time."""
-    rows = ["| task | majority | probe acc | fine-tuned acc | Δ (points) | best step | steps run | stop | wall (s) |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        rows.append("| " + " | ".join(x.replace("|", "\\|") for x in r.table_row()) + " |")
-    if results:
-        m = sum(r.test_accuracy - r.probe_test_accuracy for r in results) / len(results)
-        rows.append(f"| **mean** | | {100 * np.mean([r.probe_test_accuracy for r in results]):.1f} | "
-                    f"{100 * np.mean([r.test_accuracy for r in results]):.1f} | {100 * m:+.1f} | | | | "
-                    f"{sum(r.wall_time_s for r in results):.0f} |")
-    return "\n".join(rows)
 
 
 def load_run(run_dir) -> dict:

@@ -195,14 +195,19 @@ def random_prune(x: torch.Tensor, density: float, generator: torch.Generator, re
         return x
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
     keep = (torch.rand(work.shape, generator=generator, dtype=work.dtype) < density).to(work.device)
-    out = work * keep
+    return rescale_kept(work, work * keep, density, rescale).to(x.dtype)
+
+
+def rescale_kept(work: torch.Tensor, out: torch.Tensor, p, rescale) -> torch.Tensor:
+    """After a random drop with keep probability ``p`` (a number or a tensor like ``work``): ``rescale``
+    ``"density"`` divides by ``p``; ``True`` / ``"l1"`` restores ``work``'s L1 norm (mergekit); else unchanged."""
     if rescale == "density":
-        out = out / density
-    elif rescale is True or rescale == "l1":
+        return out / p
+    if rescale is True or rescale == "l1":
         before, after = work.abs().sum(), out.abs().sum()
         if before >= 1e-7 and after >= 1e-7:
-            out = out * (before / after)
-    return out.to(x.dtype)
+            return out * (before / after)
+    return out
 
 
 # --- combination ------------------------------------------------------------------------------------

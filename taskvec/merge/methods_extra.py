@@ -36,6 +36,7 @@ from .methods import (
     _rescale_param,
     combine,
     register,
+    rescale_kept,
     topk_mask,
 )
 
@@ -318,14 +319,7 @@ def della_prune(x: torch.Tensor, density: float, epsilon: float, generator: torc
     work = x if x.dtype in (torch.float32, F64) else x.float()
     p = della_keep_probs(work, density, epsilon)
     keep = (torch.rand(work.shape, generator=generator, dtype=work.dtype).to(work.device) < p)
-    out = work * keep
-    if rescale == "density":
-        out = out / p
-    elif rescale is True or rescale == "l1":
-        before, after = work.abs().sum(), out.abs().sum()
-        if before >= 1e-7 and after >= 1e-7:
-            out = out * (before / after)
-    return out.to(x.dtype)
+    return rescale_kept(work, work * keep, p, rescale).to(x.dtype)
 
 
 def _della(deltas, density, epsilon, seed, rescale):
