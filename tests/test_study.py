@@ -282,3 +282,50 @@ def test_a_study_can_name_a_task_of_a_taskvec_run(tiny_run, tmp_path):
     with pytest.raises(StudyError, match="was fine-tuned from"):
         prepare_study(study, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_study_of_a_model_linear_in_its_parameters_predicts_exactly(tmp_path):
+    """Checkpoints that differ from the base only in the final RMSNorm weight w: a Llama classifier's logits
+    score(w ⊙ h / rms(h)) are linear in w, so every prediction — first order, second order, every merge —
+    must equal its measurement, through the whole study path (HF checkpoints saved by a plain loop, their
+    own heads, vectors, kernels, predictions, measurements and the coefficient choice)."""
+    from conftest import save_tiny
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    import taskvec
+
+    base = save_tiny(tmp_path / "base", "llama")
+    tok = AutoTokenizer.from_pretrained(base)
+    data = {}
+    for i, name in enumerate(("left", "right")):
+        cfg = LlamaConfig.from_pretrained(base)
+        cfg.num_labels, cfg.id2label, cfg.label2id = 2, {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+        m = LlamaForSequenceClassification(cfg)
+        m.model.load_state_dict(LlamaForSequenceClassification.from_pretrained(base, num_labels=2).model.state_dict())
+        for n, p in m.named_parameters():  # a plain loop that trains only the final norm (and the head)
+            p.requires_grad_(n in ("model.norm.weight", "score.weight"))
+        task = toy_task(name, n=120, seed=i)
+        _train(m, tok, task, steps=8, lr=3e-2, seed=i).save_pretrained(tmp_path / name)
+        data[name] = _write_csv(task, tmp_path / f"{name}.csv")
+    study = {"base_model": str(base), "scope": "full", "test_size": 40, "max_length": 24,
+             "tasks": [{"name": n, "model": str(tmp_path / n), "data": str(data[n]), "text_column": "sentence"}
+                       for n in ("left", "right")]}
+    run = prepare_study(study, tmp_path / "s")
+    vs = run.vectors()
+    moved = {t: sorted(k for k, d in vs[t].deltas.items() if d.abs().max() > 0) for t in run.names}
+    assert all(ks == ["norm.weight"] or ks == ["model.norm.weight"] for ks in moved.values()), moved
+    # the NTK-aware merges project onto eigenspaces of gradients over every parameter of the scope: their
+    # directions leave the norm weight, where the model is not linear, so they are left out here
+    res = taskvec.validate_run(run, n_eval=20, n_kernel=6, rank=2, lambdas=[0.5, 1.0, 2.0], progress=False,
+                               ntk_aware=False)
+    entries = [(m["name"], s, e) for m in res["merges"] for s, e in m["per_task"].items()]
+    assert len(entries) >= 8
+    for name, s, e in entries:
+        assert e["lin_error"] < 1e-4 and e["lin_error_2nd"] < 1e-4, (name, s, e)
+        assert e["predicted_1st"] == e["measured"] and e["predicted_2nd"] == e["measured"], (name, s, e)
+        assert e["curvature"] < 1e-3, (name, s, e)
+    moved_any = [e for _, _, e in entries if e["measured"] != e["base"]]
+    assert moved_any, "the merges must change some predictions for the check to mean anything"
+    co = res["coefficients"]  # the measured λ grid and the prediction-chosen coefficients: predicted = measured
+    for g in co["grid"] + [co["chosen"]["global"], co["chosen"]["per_task"]]:
+        assert g["predicted"] == pytest.approx(g["measured"], abs=1e-9), g
