@@ -93,6 +93,7 @@ class MergeConfig:
     shard_size: int = 2 * 1024**3
     lora_rank: int | None = None
     allow_different_tokenizers: bool = False
+    tokenizer_source: str | None = None  # None, "base", "union", "model:NAME" (merge/tokenizer.py)
     run: str | None = None
     slices: list[SliceSpec] | None = None
 
@@ -133,6 +134,8 @@ class MergeConfig:
                 d[k] = getattr(self, k)
         d["seed"] = self.seed
         d["shard_size"] = self.shard_size
+        if self.tokenizer_source:
+            d["tokenizer_source"] = self.tokenizer_source
         if self.allow_different_tokenizers:
             d["allow_different_tokenizers"] = True
         return d
@@ -289,8 +292,6 @@ def load_config(config: str | os.PathLike | dict | MergeConfig, **overrides) -> 
     if method is None:
         raise MergeError(f"config has no 'method' (or 'merge_method'); valid methods: {', '.join(METHODS)}")
     get_method(method)
-    if raw.get("tokenizer_source") not in (None, "base"):
-        raise MergeError("tokenizer_source: only 'base' is supported (the base's tokenizer is copied)")
     dtype = raw.get("out_dtype") or raw.get("dtype")
     if not isinstance(raw.get("parameters") or {}, dict):
         raise MergeError(f"parameters: expected a mapping of parameter names to values, got {raw['parameters']!r}")
@@ -326,8 +327,18 @@ def load_config(config: str | os.PathLike | dict | MergeConfig, **overrides) -> 
             p = _model_ref(m["model"], root, f"models[{i}]")
             cfg.models.append(ModelSpec(p, str(m.get("name") or _task_name(p)), dict(m.get("parameters") or {}),
                                         _resolve_path(m["head"], root) if m.get("head") else None))
+    cfg.tokenizer_source = _tokenizer_source(raw.get("tokenizer_source"), cfg)
     _validate(cfg)
     return cfg
+
+
+def _tokenizer_source(value, cfg: MergeConfig) -> str | None:
+    from .tokenizer import parse_source
+
+    if cfg.slices is not None and value not in (None, "base"):
+        raise MergeError(f"tokenizer_source {value!r}: a passthrough (slices) merge takes its tokenizer from one "
+                         "model; only 'base' is supported there")
+    return parse_source(value, cfg.models)
 
 
 def _model_ref(ref, root: Path | None, where: str) -> str:
@@ -533,6 +544,10 @@ def to_mergekit(cfg: MergeConfig, kinds: dict[str, str] | None = None) -> dict:
          if k != "seed" and not m.param(k).per_model}
     if g:
         out["parameters"] = g
+    if cfg.tokenizer_source:
+        from .tokenizer import mergekit_source
+
+        out["tokenizer_source"] = mergekit_source(cfg.tokenizer_source, cfg.models)
     out["dtype"] = cfg.dtype or "float32"
     return out
 

@@ -50,6 +50,7 @@ from .config import DTYPES, VECTOR_FORMAT, MergeConfig, check_required, dump_yam
 from .lora import LoraAdapter, factorize, write_adapter
 from .methods import MergeError
 from .params import LAYER_INDEX, expand, layer_position
+from .tokenizer import resolve as resolve_vocab
 from .writer import ShardWriter
 
 COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -176,9 +177,10 @@ class _Plan:
     names: list[str]  # base tensors in output order
     merge: set[str]  # names that go through the method (the rest are copied)
     num_layers: int
+    vocab: object = None  # tokenizer.VocabPlan: vocabularies permuted / LM head untied
 
 
-def _open_input(spec, base: Checkpoint, base_dir: Path, base_cfg: dict, allow_tok: bool) -> _Input:
+def _open_input(spec, base: Checkpoint, base_dir: Path, base_cfg: dict, allow_tok: bool, vocab=None) -> _Input:
     path = Path(spec.path)
     if not path.exists():
         raise MergeError(f"input {spec.name!r}: {path} does not exist")
@@ -198,13 +200,13 @@ def _open_input(spec, base: Checkpoint, base_dir: Path, base_cfg: dict, allow_to
             inp.lora[b] = t
         full = inp.adapter.full
     else:
-        inp.ckpt = Checkpoint(path)
+        inp.ckpt = vocab.checkpoint(spec.name, path, Checkpoint(path)) if vocab else Checkpoint(path)
         if kind == "vector" and inp.ckpt.metadata.get("format") != VECTOR_FORMAT:
             raise MergeError(f"{path} is a safetensors file but not a taskvec task vector "
                              f"(metadata format={inp.ckpt.metadata.get('format')!r}, expected {VECTOR_FORMAT!r})")
         full = {k: k for k in inp.ckpt.info}
         mapping = align(list(full), base_names)
-        if kind == "model":
+        if kind == "model" and getattr(vocab, "source", None) is None:
             _check_vocab(path, base_dir, base_cfg, allow_tok)
     for short, key in full.items():
         b = _map(short, mapping)
@@ -237,7 +239,8 @@ def _check_shape(name, base: Checkpoint, shape, where, base_dir) -> None:
         return
     if len(shape) == len(bshape) == 2 and shape[1] == bshape[1] and any(h in name for h in EMBED_HINTS):
         raise MergeError(f"different vocabulary sizes: tensor {name!r} has {bshape[0]} rows in the base "
-                         f"{base_dir} but {shape[0]} in {where}; merge only models with the same tokenizer")
+                         f"{base_dir} but {shape[0]} in {where}; merge only models with the same tokenizer, or set "
+                         "tokenizer_source (union, base or model:NAME)")
     raise ShapeMismatchError(f"tensor {name!r}: shape {tuple(bshape)} in the base {base_dir} but "
                              f"{tuple(shape)} in {where}")
 
@@ -246,11 +249,13 @@ def _check_vocab(path: Path, base_dir: Path, base_cfg: dict, allow_tok: bool) ->
     cfg = _read_json(path / "config.json")
     vb, vm = base_cfg.get("vocab_size"), cfg.get("vocab_size")
     if vb is not None and vm is not None and vb != vm:
-        raise MergeError(f"different vocabulary sizes: base {base_dir} has vocab_size {vb}, {path} has {vm}")
+        raise MergeError(f"different vocabulary sizes: base {base_dir} has vocab_size {vb}, {path} has {vm}; "
+                         "set tokenizer_source (union, base or model:NAME) to merge them")
     fb, fm = _vocab_fingerprint(base_dir), _vocab_fingerprint(path)
     if fb and fm and fb != fm and not allow_tok:
         raise MergeError(f"different tokenizers: {path} and the base {base_dir} have different vocabularies; "
-                         "set allow_different_tokenizers: true to merge anyway (the base's tokenizer is used)")
+                         "set tokenizer_source (union, base or model:NAME) to map the embeddings into one vocabulary, or "
+                         "allow_different_tokenizers: true to merge anyway (the base's tokenizer is used)")
 
 
 def plan(cfg: MergeConfig) -> _Plan:
@@ -264,14 +269,17 @@ def plan(cfg: MergeConfig) -> _Plan:
     except ModelError as e:
         raise MergeError(f"base_model: {e}") from None
     base = Checkpoint(base_dir)
+    vocab = resolve_vocab(cfg, base_dir, base)  # None unless vocabularies / tying differ (tokenizer.py)
+    base = vocab.base if vocab else base
     base_cfg = _read_json(base_dir / "config.json")
-    inputs = [_open_input(s, base, base_dir, base_cfg, cfg.allow_different_tokenizers) for s in cfg.models]
+    inputs = [_open_input(s, base, base_dir, base_cfg, cfg.allow_different_tokenizers, vocab) for s in cfg.models]
+    vocab and vocab.check_inputs(inputs)
     names = list(base.info)
     merge = {n for n in names if not is_buffer(n, base.info[n][1])}
     layers = [int(m.group(1)) for n in names if (m := LAYER_INDEX.search(n))]
     num_layers = base_cfg.get("num_hidden_layers") or (max(layers) + 1 if layers else 1)
     check_required(cfg, [n for n in names if n in merge], lambda n: layer_position(n, num_layers))
-    return _Plan(cfg, base_dir, base, inputs, names, merge, num_layers)
+    return _Plan(cfg, base_dir, base, inputs, names, merge, num_layers, vocab)
 
 
 # --- merging --------------------------------------------------------------------------------------------
@@ -530,10 +538,14 @@ def merge(config, out, overwrite: bool = False, device: str = "cpu", dtype: str 
             n_merged = sum(1 for n in p.names if n in p.merge and any(i.covers(n) for i in p.inputs))
             n_copied = len(p.names) - n_merged
             _copy_base_files(p.base_dir, tmp, cfg.dtype)
+            if p.vocab is not None:  # the merged tokenizer, vocab_size and tying
+                p.vocab.save(tmp)
         if cfg.slices is None:
             heads = _write_heads(p, tmp)
         record = cfg.to_dict()
         record["inputs"] = inputs
+        if getattr(p, "vocab", None) is not None:
+            record["vocabulary"] = p.vocab.record()
         (tmp / "merge_config.yaml").write_text(dump_yaml(record))
         if mergekit_cfg is not None:
             (tmp / "mergekit.yaml").write_text(dump_yaml(mergekit_cfg))
