@@ -44,6 +44,7 @@ import torch
 
 from ..errors import ShapeMismatchError
 from ..io import atomic_dir, check_output
+from . import data_aware
 from .card import MergeResult, model_card
 from .checkpoint import FLOATS, ST_DTYPES, Checkpoint, check_finite, is_buffer
 from .config import DTYPES, VECTOR_FORMAT, MergeConfig, check_required, dump_yaml, load_config, to_mergekit
@@ -529,7 +530,10 @@ def merge(config, out, overwrite: bool = False, device: str = "cpu", dtype: str 
                 specs.append((name, shape, dt))
             writer = ShardWriter(tmp, specs, cfg.shard_size)
             try:
-                for name, tensor in merged_tensors(p, device, out_dtype, progress=bar):
+                stream = merged_tensors  # data-aware methods first compute per-task statistics of the run
+                if data_aware.is_data_aware(cfg.method):
+                    stream = data_aware.merged_tensors
+                for name, tensor in stream(p, device, out_dtype, progress=bar):
                     writer.write(name, tensor)
             except BaseException:
                 writer.abort()

@@ -1,0 +1,239 @@
+"""Fisher merging and RegMean (taskvec/merge/data_aware.py) against slow references written from their
+definitions (THEORY.md, "Merge methods"), on a tiny fine-tuned BERT run; and their bad inputs."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from taskvec.merge import MergeError, merge, merge_vectors
+from taskvec.merge.data_aware import (
+    TaskStatistics,
+    fisher_delta,
+    fisher_statistics,
+    gram_statistics,
+    merge_run_vectors,
+    merge_tensor,
+    regmean_delta,
+    run_statistics,
+)
+from taskvec.runs import open_run
+
+# --- pure functions ---------------------------------------------------------------------------------------
+
+
+def _ref_regmean(deltas, grams, weights, alpha):
+    """(Σ w G̃)⁻¹ Σ w G̃ τᵀ entry by entry: G̃_ij = G_ij·(α if i ≠ j else 1); τ is (d_out, d_in)."""
+    d_in = grams[0].shape[0]
+    lhs = torch.zeros(d_in, d_in, dtype=torch.float64)
+    rhs = torch.zeros(d_in, deltas[0].shape[0], dtype=torch.float64)
+    for d, G, w in zip(deltas, grams, weights):
+        Gt = torch.zeros(d_in, d_in, dtype=torch.float64)
+        for i in range(d_in):
+            for j in range(d_in):
+                Gt[i, j] = G[i, j] * (1.0 if i == j else alpha)
+        lhs += w * Gt
+        rhs += w * Gt @ d.double().T
+    return (torch.linalg.inv(lhs) @ rhs).T
+
+
+def test_regmean_delta_equals_the_definition_and_solves_its_least_squares():
+    g = torch.Generator().manual_seed(0)
+    X = [torch.randn(40, 6, generator=g, dtype=torch.float64) for _ in range(3)]
+    grams = [x.T @ x / 40 for x in X]
+    deltas = [torch.randn(5, 6, generator=g, dtype=torch.float64) for _ in range(3)]
+    w = [1.0, 0.5, 2.0]
+    for alpha in (0.9, 1.0, 0.0):
+        got = regmean_delta(deltas, grams, w, alpha)
+        torch.testing.assert_close(got, _ref_regmean(deltas, grams, w, alpha), rtol=1e-10, atol=1e-12)
+    # α = 1: W* minimises Σ_t w_t ‖X_t Wᵀ − X_t W_tᵀ‖², so its gradient Σ_t w_t G_t (W* − W_t)ᵀ vanishes
+    got = regmean_delta(deltas, grams, w, 1.0)
+    grad = sum(wt * G @ (got - d).T for wt, G, d in zip(w, grams, deltas))
+    assert float(grad.abs().max()) < 1e-10
+    # the GPT-2 Conv1D layout (d_in, d_out) gives the transposed result
+    conv = regmean_delta([d.T.contiguous() for d in deltas], grams, w, 0.9, layout="conv1d")
+    torch.testing.assert_close(conv, regmean_delta(deltas, grams, w, 0.9).T)
+    # equal Grams cancel: the weighted mean
+    same = regmean_delta(deltas, [grams[0]] * 3, w, 0.9)
+    torch.testing.assert_close(same, sum(wt * d for wt, d in zip(w, deltas)) / sum(w))
+
+
+def test_fisher_delta_equals_the_definition_entry_by_entry():
+    g = torch.Generator().manual_seed(1)
+    deltas = [torch.randn(4, 3, generator=g) for _ in range(3)]
+    fishers = [torch.rand(4, 3, generator=g) for _ in range(3)]
+    fishers[1][0, 0] = 0.0
+    for f in fishers:
+        f[2, 2] = 0.0  # zero in every task: the weighted mean
+    w = [1.0, 2.0, 0.5]
+    got = fisher_delta(deltas, fishers, w, floor=1e-6)
+    for i in range(4):
+        for j in range(3):
+            num = sum(w[t] * (float(fishers[t][i, j]) + 1e-6) * float(deltas[t][i, j]) for t in range(3))
+            den = sum(w[t] * (float(fishers[t][i, j]) + 1e-6) for t in range(3))
+            assert abs(float(got[i, j]) - num / den) < 1e-6
+    mean = sum(wt * d[2, 2] for wt, d in zip(w, deltas)) / sum(w)
+    assert abs(float(got[2, 2]) - float(mean)) < 1e-6
+
+
+def test_bad_shapes_and_counts_are_refused():
+    d = [torch.zeros(5, 6)] * 2
+    with pytest.raises(MergeError, match="Gram of shape \\(5, 5\\) for a weight with 6 inputs"):
+        regmean_delta(d, [torch.eye(5, dtype=torch.float64)] * 2, [1.0, 1.0], name="q.weight")
+    with pytest.raises(MergeError, match="2 task vectors, 1 Grams"):
+        regmean_delta(d, [torch.eye(6)], [1.0, 1.0])
+    with pytest.raises(MergeError, match="singular"):
+        regmean_delta(d, [torch.zeros(6, 6, dtype=torch.float64)] * 2, [1.0, 1.0], alpha=0.9)
+    with pytest.raises(MergeError, match="a Fisher of shape"):
+        fisher_delta(d, [torch.ones(6, 5)] * 2, [1.0, 1.0])
+    with pytest.raises(MergeError, match="need statistics of each task's data"):
+        merge_vectors([type("V", (), {"deltas": {"w": torch.zeros(2)}})()], "fisher", {"w": torch.zeros(2)})
+
+
+def test_regmean_averages_tensors_that_are_not_linear_weights():
+    g = torch.Generator().manual_seed(2)
+    d = [torch.randn(7, generator=g) for _ in range(2)]
+    stats = TaskStatistics("regmean", {"a": {"w": torch.eye(3)}, "b": {"w": torch.eye(3)}}, {"w": "linear"})
+    torch.testing.assert_close(merge_tensor(stats, "bias", d, [1.0, 3.0], {}), (d[0] + 3 * d[1]) / 4)
+    with pytest.raises(MergeError, match="statistics of 2 tasks for 3 inputs"):
+        merge_tensor(stats, "bias", d + d[:1], [1.0] * 3, {})
+
+
+# --- statistics against per-example loops ---------------------------------------------------------------
+
+
+def _ref_fisher(model, batches, keys):
+    """(1/n) Σ_x Σ_c p(c|x) (∂ log p(c|x)/∂θ)², one example and one class at a time with autograd."""
+    named = dict(model.named_parameters())
+    params = [named["backbone." + k] for k in keys]
+    acc = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    n = 0
+    model.eval()
+    for b in batches:
+        for i in range(b["input_ids"].shape[0]):
+            m = b["attention_mask"][i:i + 1]
+            logp = torch.log_softmax(model(b["input_ids"][i:i + 1], m, b.get("token_type_ids")[i:i + 1]
+                                           if b.get("token_type_ids") is not None else None)[0], -1)
+            for c in range(logp.shape[0]):
+                gs = torch.autograd.grad(logp[c], params, retain_graph=True)
+                for a, gr in zip(acc, gs):
+                    a += float(logp[c].detach().exp()) * gr.double() ** 2
+            n += 1
+    return {k: a / n for k, a in zip(keys, acc)}
+
+
+def _ref_grams(model, batches, layer):
+    """Σ over real tokens of x xᵀ / #tokens, x = the input of layer ``layer``'s attention (its hidden state
+    from ``output_hidden_states``), one token at a time."""
+    G, tokens = None, 0
+    model.eval()
+    with torch.no_grad():
+        for b in batches:
+            hs = model.backbone(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                output_hidden_states=True).hidden_states[layer]
+            for i in range(hs.shape[0]):
+                for t in range(hs.shape[1]):
+                    if b["attention_mask"][i, t]:
+                        x = hs[i, t].double()[:, None]
+                        G = x @ x.T if G is None else G + x @ x.T
+                        tokens += 1
+    return G / tokens
+
+
+def test_fisher_statistics_equal_per_example_autograd(tiny_run):
+    run = open_run(tiny_run)
+    model = run.finetuned_model("a")
+    batches = run.kernel_batches("a", 6, batch_size=4)
+    keys = ["encoder.layer.0.attention.self.query.weight", "encoder.layer.1.attention.self.value.bias"]
+    got = fisher_statistics(model, batches, keys, chunk_size=2)
+    ref = _ref_fisher(model, batches, keys)
+    for k in keys:
+        assert float(ref[k].abs().max()) > 0
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-9 * float(ref[k].abs().max()))
+
+
+def test_gram_statistics_equal_token_loops_and_skip_non_linear_tensors(tiny_run):
+    run = open_run(tiny_run)
+    model = run.finetuned_model("b")
+    batches = run.kernel_batches("b", 5, batch_size=2)
+    keys = ["encoder.layer.1.attention.self.key.weight", "encoder.layer.1.attention.self.key.bias"]
+    grams, layout = gram_statistics(model, batches, keys)
+    assert set(grams) == {keys[0]} and layout == {keys[0]: "linear"}  # a bias is not a linear layer's weight
+    torch.testing.assert_close(grams[keys[0]], _ref_grams(model, batches, 1), rtol=1e-9, atol=1e-12)
+
+
+# --- taskvec merge with run: ---------------------------------------------------------------------------
+
+
+def _merged(out):
+    import json
+
+    files = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values()) \
+        if (out / "model.safetensors.index.json").is_file() else {"model.safetensors"}
+    d = {}
+    for f in files:
+        d.update(load_file(str(out / f)))
+    return d
+
+
+def test_regmean_merge_of_a_run_equals_the_reference(tiny_run, tmp_path):
+    run = open_run(tiny_run)
+    out = tmp_path / "regmean"
+    res = merge({"run": str(tiny_run), "method": "regmean", "parameters": {"n_examples": 5}}, out,
+                show_progress=False)
+    assert sorted(res.heads) == ["a", "b", "c"] and (out / "README.md").is_file()
+    merged = _merged(out)
+    base = {k: v for k, v in _merged_base(run).items()}
+    vecs = {t: run.vector(t).deltas for t in run.names}
+    key = "encoder.layer.1.attention.self.query.weight"
+    grams = [_ref_grams(run.finetuned_model(t), run.kernel_batches(t, 5, batch_size=16), 1) for t in run.names]
+    want = base[key].double() + _ref_regmean([vecs[t][key] for t in run.names], grams, [1.0] * 3, 0.9)
+    name = next(n for n in merged if n.endswith(key))
+    torch.testing.assert_close(merged[name].double(), want, rtol=1e-5, atol=1e-6)
+    other = "encoder.layer.0.attention.output.dense.weight"  # outside the scope: θ0
+    assert torch.equal(merged[next(n for n in merged if n.endswith(other))], base[other])
+    # validation's in-memory merge is the same merge
+    mem = merge_run_vectors(run, [run.vector(t) for t in run.names], "regmean",
+                            {k: base[k] for k in vecs["a"]}, run.names, n_examples=5)
+    torch.testing.assert_close(mem[key] + base[key], merged[next(n for n in merged if n.endswith(key))])
+
+
+def _merged_base(run):
+    from taskvec.modeling import resolve_model
+
+    return _merged(resolve_model(run.base_model))
+
+
+def test_fisher_merge_of_a_run_equals_the_reference(tiny_run, tmp_path):
+    run = open_run(tiny_run)
+    out = tmp_path / "fisher"
+    merge({"run": str(tiny_run), "method": "fisher", "parameters": {"n_examples": 4}}, out, show_progress=False)
+    merged = _merged(out)
+    base = _merged_base(run)
+    vecs = {t: run.vector(t).deltas for t in run.names}
+    keys = sorted(vecs["a"])
+    refs = {t: _ref_fisher(run.finetuned_model(t), run.kernel_batches(t, 4, batch_size=16), keys) for t in run.names}
+    norms = {t: sum(float((v ** 2).sum()) for v in refs[t].values()) ** 0.5 for t in run.names}
+    for key in ("encoder.layer.0.attention.self.key.weight", "encoder.layer.1.attention.self.value.weight"):
+        F = [refs[t][key] / norms[t] + 1e-6 for t in run.names]
+        want = base[key].double() + sum(f * vecs[t][key].double() for f, t in zip(F, run.names)) / sum(F)
+        got = merged[next(n for n in merged if n.endswith(key))].double()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(got, base[key].double() + sum(vecs[t][key].double() for t in run.names) / 3,
+                                  atol=1e-6)  # not the plain mean
+
+
+def test_data_aware_configs_without_task_data_or_with_bad_parameters_are_refused(tiny_run, tmp_path):
+    run = open_run(tiny_run)
+    cfg = {"method": "regmean", "base_model": run.base_model,
+           "models": [str(run.vector_path("a")), str(run.vector_path("b"))]}
+    with pytest.raises(MergeError, match="needs each task's data: give 'run: RUN'"):
+        merge(cfg, tmp_path / "x", show_progress=False)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(MergeError, match="alpha = 1.5: alpha must be in \\[0, 1\\]"):
+        merge({"run": str(tiny_run), "method": "regmean", "parameters": {"alpha": 1.5}}, tmp_path / "y")
+    with pytest.raises(MergeError, match="unknown parameter 'density' for method 'fisher'"):
+        merge({"run": str(tiny_run), "method": "fisher", "parameters": {"density": 0.5}}, tmp_path / "y")
+    with pytest.raises(MergeError, match="is not data-aware"):
+        run_statistics(run, "ties", ["a"], ["x"])
+    with pytest.raises(MergeError, match="not a parameter of the task model"):
+        gram_statistics(run.finetuned_model("a"), run.kernel_batches("a", 2), ["encoder.layer.9.nope.weight"])
