@@ -237,3 +237,25 @@ def test_data_aware_configs_without_task_data_or_with_bad_parameters_are_refused
         run_statistics(run, "ties", ["a"], ["x"])
     with pytest.raises(MergeError, match="not a parameter of the task model"):
         gram_statistics(run.finetuned_model("a"), run.kernel_batches("a", 2), ["encoder.layer.9.nope.weight"])
+
+
+def test_validation_measures_the_merge_that_taskvec_merge_writes(tiny_run, tmp_path):
+    """validate_run's measured accuracy of regmean / fisher equals the accuracy of the directory `taskvec
+    merge` writes for the same config, re-evaluated from disk with each task's head."""
+    from taskvec.linearize import accuracy, forward_outputs
+    from taskvec.merge import MergeSpec
+    from taskvec.modeling import load_task_model
+    from taskvec.validation import validate_run
+
+    specs = [MergeSpec("regmean", "regmean", {"n_examples": 6}), MergeSpec("fisher", "fisher", {"n_examples": 6})]
+    res = validate_run(tiny_run, merges=specs, n_eval=24, n_kernel=6, rank=0, lambdas=[0.5], ntk_aware=False,
+                       n_holdout=0, progress=False, out=tmp_path / "results.json", device="cpu")
+    run = open_run(tiny_run)
+    rows = {m["name"]: m for m in res["merges"]}
+    for spec in specs:
+        out = tmp_path / spec.name
+        merge({"run": str(tiny_run), "method": spec.method, "parameters": spec.params}, out, show_progress=False)
+        for t in run.names:
+            model = load_task_model(out / "heads" / t, backbone=out)
+            f, y = forward_outputs(model, run.eval_batches(t, 24))
+            assert accuracy(f, y) == pytest.approx(rows[spec.name]["per_task"][t]["measured"], abs=1e-12), (spec, t)

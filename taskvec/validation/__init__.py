@@ -88,6 +88,16 @@ class ValidationResult(dict):
         return f"<table><caption>taskvec validation</caption>{rows}</table>"
 
 
+def _merge_delta(ctx: Context, tvs: list, m: MergeSpec) -> dict:
+    """The merged delta of one configured merge, in memory; data-aware methods (``fisher``, ``regmean``) take
+    their statistics from the run's tasks, as ``taskvec merge`` with ``run:`` does."""
+    from ..merge.data_aware import is_data_aware, merge_run_vectors
+
+    if is_data_aware(m.method):
+        return merge_run_vectors(ctx.run, tvs, m.method, ctx.base_state, ctx.names, ctx.device, **m.params)
+    return merge_vectors(tvs, m.method, ctx.base_state, **m.params)
+
+
 def _second_order_directions(ctx: Context, merges: list, merge_deltas: dict, directions: dict) -> dict:
     """Directions that get their own first and second order: Σ τ, each non-task-arithmetic merge, and the
     NTK-aware sums."""
@@ -158,7 +168,7 @@ def validate_run(run, merges: list[MergeSpec] | None = None, n_eval: int = 500, 
     device = device_of(device)
     ctx = load_context(run, n_eval, n_kernel, device, n_eval if n_holdout is None else n_holdout)
     tvs = [ctx.vectors[t] for t in ctx.names]
-    merge_deltas = {m.name: merge_vectors(tvs, m.method, ctx.base_state, **m.params) for m in merges}
+    merge_deltas = {m.name: _merge_delta(ctx, tvs, m) for m in merges}
 
     eig = eigenspace_phase(ctx, rank, n_kernel, ntk_aware, progress)
     der = derivative_phase(ctx, _second_order_directions(ctx, merges, merge_deltas, eig.directions),
