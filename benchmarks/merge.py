@@ -7,6 +7,12 @@ Builds, from a fixed seed, a Llama-architecture base (fp32, hidden 1536, interme
 dependency), each in its own process under ``/usr/bin/time`` (wall time and peak RSS, imports included),
 and prints from that one run: time and peak-RSS ratios taskvec/mergekit and how the merged tensors differ.
 
+Beside them, in the same run: an **I/O floor** (a process that reads every input tensor and writes an
+output of the merged size with plain ``safetensors``, no arithmetic: what any merge must at least spend)
+and the **import time** of each tool (``import taskvec.merge`` vs ``import mergekit.merge``), so the ratios
+are printed with and without imports. Methods: ``task_arithmetic``, ``ties``, ``slerp`` (base and ft1,
+t = 0.4), ``model_stock`` and ``della`` (stochastic: compared by statistics of the kept entries, not bits).
+
     python benchmarks/merge.py --work /tmp/tvbench --mergekit /tmp/mk-venv/bin/mergekit-yaml
 
 About 9 GB of inputs and 4 GB of outputs go to ``--work`` (inputs are reused across runs).
@@ -133,11 +139,88 @@ def compare(a: Path, b: Path, work: Path | None = None, density: float | None = 
     return out
 
 
+FLOOR = r"""
+import sys, json
+from pathlib import Path
+from safetensors import safe_open
+from safetensors.torch import save_file
+inputs, out = [Path(a) for a in sys.argv[1:-1]], Path(sys.argv[-1])
+index = json.loads((inputs[0] / "model.safetensors.index.json").read_text())["weight_map"]
+out.mkdir(parents=True, exist_ok=True)
+for shard in sorted(set(index.values())):
+    tensors = {}
+    for i, d in enumerate(inputs):
+        with safe_open(str(d / shard), framework="pt") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                if i == 0:
+                    tensors[k] = t
+    save_file(tensors, str(out / shard), metadata={"format": "pt"})
+"""
+
+
+def method_config(method: str, work: Path, density: float) -> dict:
+    """The YAML of one benchmarked merge (mergekit's schema; taskvec reads the same file)."""
+    models = [1] if method == "slerp" else [1, 2, 3]
+    params = {"weight": 1.0}
+    if method in ("ties", "della"):
+        params["density"] = density
+    if method == "della":
+        params["epsilon"] = 0.1
+    cfg = {"merge_method": method, "base_model": str(work / "base"), "dtype": "float32",
+           "models": [{"model": str(work / f"ft{m}"), "parameters": params} for m in models]}
+    if method == "slerp":
+        cfg["parameters"] = {"t": 0.4}
+        cfg["models"] = [{"model": str(work / "base")}, {"model": str(work / "ft1")}]
+    if method == "model_stock":
+        cfg["models"] = [{"model": str(work / f"ft{m}")} for m in models]
+    if method == "della":
+        cfg["parameters"] = {"lambda": 1.0}
+    return cfg
+
+
+def della_statistics(out: Path, work: Path, density: float) -> dict:
+    """DELLA is stochastic: the share of entries the merge moved away from the base, and the merged Δ's
+    mean and RMS, over a few large tensors (the two tools draw different masks from the same rule)."""
+    from taskvec.merge.engine import Checkpoint
+
+    ca, cb = Checkpoint(out), Checkpoint(work / "base")
+    names = [n for n, _ in tensor_specs() if n.endswith(("q_proj.weight", "down_proj.weight"))][:6]
+    moved = total = 0
+    s1 = s2 = 0.0
+    for k in names:
+        d = ca.get(k).double() - cb.get(k).double()
+        moved += int((d != 0).sum())
+        total += d.numel()
+        s1 += float(d.sum())
+        s2 += float((d * d).sum())
+    return {"moved_share": moved / total, "delta_mean": s1 / total, "delta_rms": (s2 / total) ** 0.5}
+
+
+def import_seconds(python: str, module: str, repeats: int = 3) -> float:
+    """Best of ``repeats`` wall times of ``python -c 'import module'``."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.time()
+        subprocess.run([python, "-c", f"import {module}"], check=True, capture_output=True)
+        best = min(best, time.time() - t0)
+    return best
+
+
+def warm(work: Path) -> None:
+    """Read every input once so each timed process finds them in the page cache."""
+    for f in (work / "base", *(work / f"ft{m}" for m in (1, 2, 3))):
+        for s in f.glob("*.safetensors"):
+            with open(s, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/tvbench")
     ap.add_argument("--mergekit", default="/tmp/mk-venv/bin/mergekit-yaml")
-    ap.add_argument("--methods", default="task_arithmetic,ties")
+    ap.add_argument("--methods", default="task_arithmetic,ties,slerp,model_stock,della")
     ap.add_argument("--density", type=float, default=0.5)
     args = ap.parse_args()
     work = Path(args.work)
@@ -148,46 +231,69 @@ def main() -> None:
     print(f"inputs ready in {time.time() - t0:.0f} s: 4 × {sum(torch.Size(s).numel() for _, s in tensor_specs()) / 1e9:.3f}B "
           "fp32 parameters", flush=True)
     results = {}
-    for method in args.methods.split(","):
-        params = {"weight": 1.0} | ({"density": args.density} if method == "ties" else {})
-        cfg = {"merge_method": method, "base_model": str(work / "base"), "dtype": "float32",
-               "models": [{"model": str(work / f"ft{m}"), "parameters": params} for m in (1, 2, 3)]}
-        import yaml
+    mk_python = str(Path(args.mergekit).with_name("python"))
+    imports = {"taskvec": import_seconds(sys.executable, "taskvec.merge"),
+               "mergekit": import_seconds(mk_python, "mergekit.merge")}
+    print(f"imports: taskvec.merge {imports['taskvec']:.2f} s, mergekit.merge {imports['mergekit']:.2f} s", flush=True)
+    import yaml
 
+    for method in args.methods.split(","):
+        cfg = method_config(method, work, args.density)
         cfg_path = work / f"{method}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg))
-        out_tv, out_mk = work / f"out_taskvec_{method}", work / f"out_mergekit_{method}"
-        for d in (out_tv, out_mk):
+        out_tv, out_mk, out_floor = work / f"out_taskvec_{method}", work / f"out_mergekit_{method}", work / "out_floor"
+        for d in (out_tv, out_mk, out_floor):
             shutil.rmtree(d, ignore_errors=True)
-        for f in (work / "base", *(work / f"ft{m}" for m in (1, 2, 3))):  # warm the page cache
-            for s in f.glob("*.safetensors"):
-                with open(s, "rb") as fh:
-                    while fh.read(1 << 24):
-                        pass
+        inputs = [work / "base"] + [Path(m["model"]) for m in cfg["models"] if Path(m["model"]) != work / "base"]
+        warm(work)
+        floor = timed([sys.executable, "-c", FLOOR, *map(str, inputs), str(out_floor)], work / f"floor_{method}.log")
+        shutil.rmtree(out_floor, ignore_errors=True)
+        print(f"{method}: I/O floor ({len(inputs)} inputs) {floor[0]:.1f} s, {floor[1]:.2f} GiB", flush=True)
         tv_cmd = [sys.executable, "-c", "import sys; from taskvec.merge import merge; "
                   "merge(sys.argv[1], sys.argv[2], show_progress=False, shard_size=1_000_000_000)",
                   str(cfg_path), str(out_tv)]
         mk_cmd = [args.mergekit, str(cfg_path), str(out_mk), "--out-shard-size", "250M", "--no-copy-tokenizer",
                   "--quiet"]  # 250M fp32 parameters = 1 GB shards, as taskvec
+        warm(work)
         tv = timed(tv_cmd, work / f"taskvec_{method}.log")
         print(f"{method}: taskvec {tv[0]:.1f} s, {tv[1]:.2f} GiB", flush=True)
+        warm(work)
         mk = timed(mk_cmd, work / f"mergekit_{method}.log")
         print(f"{method}: mergekit {mk[0]:.1f} s, {mk[1]:.2f} GiB", flush=True)
-        diff = compare(out_tv, out_mk, work if method == "ties" else None, args.density)
-        results[method] = {"taskvec_s": tv[0], "mergekit_s": mk[0], "time_ratio": tv[0] / mk[0],
-                           "taskvec_rss_gib": tv[1], "mergekit_rss_gib": mk[1], "rss_ratio": tv[1] / mk[1], **diff}
+        if method == "della":
+            diff = {"taskvec": della_statistics(out_tv, work, args.density),
+                    "mergekit": della_statistics(out_mk, work, args.density)}
+        else:
+            diff = compare(out_tv, out_mk, work if method == "ties" else None, args.density)
+        tv_x, mk_x = tv[0] - imports["taskvec"], mk[0] - imports["mergekit"]
+        results[method] = {"taskvec_s": tv[0], "mergekit_s": mk[0], "floor_s": floor[0],
+                           "time_ratio": tv[0] / mk[0], "time_ratio_without_imports": tv_x / mk_x,
+                           "floor_ratio": tv[0] / floor[0], "taskvec_rss_gib": tv[1], "mergekit_rss_gib": mk[1],
+                           "floor_rss_gib": floor[1], "rss_ratio": tv[1] / mk[1], "comparison": diff}
         print(json.dumps({method: results[method]}, indent=1), flush=True)
         shutil.rmtree(out_tv, ignore_errors=True)
         shutil.rmtree(out_mk, ignore_errors=True)
+    results["imports_s"] = imports
     (work / "results.json").write_text(json.dumps(results, indent=1))
-    print("\nmethod            time taskvec/mergekit   peak RSS taskvec/mergekit   merged tensors")
+    print(f"\nimports: taskvec.merge {imports['taskvec']:.2f} s, mergekit.merge {imports['mergekit']:.2f} s "
+          "(included in the times below)")
+    print("method          taskvec/mergekit time         without imports   taskvec/I-O floor   "
+          "peak RSS taskvec/mergekit   merged tensors")
     for m, r in results.items():
-        print(f"{m:17s} {r['taskvec_s']:6.1f}/{r['mergekit_s']:6.1f} s = {r['time_ratio']:.2f}   "
-              f"{r['taskvec_rss_gib']:.2f}/{r['mergekit_rss_gib']:.2f} GiB = {r['rss_ratio']:.2f}   "
-              f"{r['bit_identical_tensors']}/{r['tensors']} bit-identical, {r['differing_entries']} of "
-              f"{r['entries']} entries differ (max |diff| {r['max_abs_diff']:.3g})"
-              + (f", {r['differing_entries_at_exact_threshold_ties']} of them at exact magnitude ties at a "
-                 "task's top-k threshold" if "differing_entries_at_exact_threshold_ties" in r else ""))
+        if m == "imports_s":
+            continue
+        c = r["comparison"]
+        if "taskvec" in c:
+            same = (f"kept {c['taskvec']['moved_share']:.4f} vs {c['mergekit']['moved_share']:.4f}, "
+                    f"Δ rms {c['taskvec']['delta_rms']:.3g} vs {c['mergekit']['delta_rms']:.3g}")
+        else:
+            same = (f"{c['bit_identical_tensors']}/{c['tensors']} bit-identical, {c['differing_entries']} of "
+                    f"{c['entries']} entries differ (max |diff| {c['max_abs_diff']:.3g})"
+                    + (f", {c['differing_entries_at_exact_threshold_ties']} at exact top-k ties"
+                       if "differing_entries_at_exact_threshold_ties" in c else ""))
+        print(f"{m:15s} {r['taskvec_s']:6.1f}/{r['mergekit_s']:6.1f} s = {r['time_ratio']:.2f}   "
+              f"{r['time_ratio_without_imports']:.2f}   {r['taskvec_s']:.1f}/{r['floor_s']:.1f} s = {r['floor_ratio']:.2f}   "
+              f"{r['taskvec_rss_gib']:.2f}/{r['mergekit_rss_gib']:.2f} GiB = {r['rss_ratio']:.2f}   {same}")
 
 
 if __name__ == "__main__":

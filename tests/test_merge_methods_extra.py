@@ -594,3 +594,37 @@ def test_two_model_methods_refuse_two_non_base_models_through_engine(llamas, tmp
     with pytest.raises(MergeError, match="exactly one other model"):
         merge(cfg, tmp_path / "out", show_progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method,inputs,params", [
+    ("slerp", [1], {"t": 0.4}),
+    ("slerp", ["base", 2], {"t": [0.2, 0.9]}),
+    ("model_stock", [0, 1, 2], {}),
+    ("model_stock", [0, 1], {"filter_wise": False}),
+])
+def test_reduce_streaming_splits_tensors_into_chunks_and_equals_the_whole_tensor_method(llamas, tmp_path,
+                                                                                         monkeypatch, method,
+                                                                                         inputs, params):
+    """slerp and model_stock stream in two passes (sums, then Δ chunk by chunk): with chunks of 100 entries
+    every tensor is split, and the result equals the method on whole tensors."""
+    from taskvec.merge import methods
+    from taskvec.merge.params import expand, layer_position
+
+    assert get_method(method).streams(params)
+    monkeypatch.setattr(methods, "CHUNK", 100)
+    root, base, fts = llamas
+    cfg = {"merge_method": method, "base_model": str(root / "base"), "parameters": params,
+           "models": [{"model": str(root / ("base" if i == "base" else f"ft{i}"))} for i in inputs]}
+    merge(cfg, tmp_path / "out", show_progress=False)
+    got = _state(tmp_path / "out")
+    m, c = get_method(method), load_config(cfg)
+    models = [base if i == "base" else fts[i] for i in inputs]
+    moved = 0
+    for k, b in base.items():
+        w, per, glob = expand(m, k, layer_position(k, 2), [c.model_params(i) for i in range(len(inputs))],
+                              c.global_params())
+        want = b + m(b, [f[k] - b for f in models], w, **per, **glob)
+        torch.testing.assert_close(got[k], want, rtol=1e-6, atol=1e-7, msg=k)
+        moved += not torch.equal(want, b)
+    assert moved > len(base) // 2  # the merge is not a copy of the base
+    assert not get_method("model_stock").streams({"filter_wise": True})

@@ -307,7 +307,7 @@ def merged_tensors(p: _Plan, device: str = "cpu", dtype: torch.dtype | None = No
         if name not in p.merge or (not covered and method.name != "linear"):
             yield name, (raw.to(dtype) if dtype is not None and raw.is_floating_point() else raw)
             continue
-        if method.stream and torch.device(device).type == "cpu":
+        if method.stream and torch.device(device).type == "cpu" and method.streams(global_params):
             yield name, _streamed(p, name, raw, model_params, global_params, t=layer_position(name, p.num_layers),
                                   out_dtype=dtype or raw.dtype, return_delta=return_delta)
             continue
@@ -395,9 +395,22 @@ def _streamed(p: _Plan, name: str, raw: torch.Tensor, model_params, global_param
                     keep, top = outlier_counts(n, density, per_model["gamma"][i])
                     rules[i] = (select_topk(abs_chunk(i), n, keep + top, sample, pmap),
                                 select_topk(abs_chunk(i), n, top, sample, pmap) if top else None)
+        kw = {k: v for k, v in params.items() if k not in ("int8_mask", "seed")}
+        coef = None
+        if method.stream == "reduce":  # pass 1: the tensor's sums, chunk by chunk (added in order)
+            stats_fn, finish, apply = method.reduce
+
+            def stats_chunk(a):
+                b = min(n, a + CHUNK)
+                bc = bflat[a:b].to(work)
+                return stats_fn(bc, [delta(i, a, b, bc) for i in range(len(xs))])
+
+            total = None
+            for s in pmap(stats_chunk, range(0, n, CHUNK)):
+                total = s if total is None else total + s
+            coef = finish(total, **{k: v for k, v in kw.items() if k in method.param_names})
         out = torch.empty(raw.shape, dtype=work if return_delta else out_dtype)
         oflat = out.view(-1)
-        kw = {k: v for k, v in params.items() if k not in ("int8_mask", "seed")}
 
         def one_chunk(a):
             b = min(n, a + CHUNK)
@@ -415,6 +428,8 @@ def _streamed(p: _Plan, name: str, raw: torch.Tensor, model_params, global_param
                     ds[i].mul_(m)
             if method.stream == "elementwise":
                 res = method(bc, ds, weights, **per_model, **params)
+            elif coef is not None:
+                res = method.reduce[2](bc, ds, coef)
             else:
                 res = combine(ds, weights, consensus=method.consensus, normalize=kw["normalize"],
                               lambda_=kw["lambda"])

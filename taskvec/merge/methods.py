@@ -499,9 +499,18 @@ class Method:
     drops: bool = False  # may zero entries: NaN/Inf in an input could vanish, so inputs are checked one by one
     # Streaming form (used by the engine on CPU, chunk by chunk; equal to ``fn`` exactly): "elementwise"
     # (``fn`` itself applies to any slice), or a per-task pruning rule ("magnitude" top-k, "outliers"
-    # of breadcrumbs) followed by :func:`combine` with ``consensus``. None: whole tensors only.
+    # of breadcrumbs) followed by :func:`combine` with ``consensus``, or "reduce": ``reduce = (stats, finish,
+    # apply)`` — ``stats(base, deltas)`` a float64 vector additive over chunks, ``finish(total, **params)``
+    # the tensor's coefficients, ``apply(base, deltas, coef)`` the chunk's Δ (equal to ``fn`` up to the order
+    # of the float64 sums). None: whole tensors only. ``stream_if(params)``: whether these parameters stream.
     stream: str | None = None
     consensus: bool = False
+    reduce: tuple[Callable, Callable, Callable] | None = None
+    stream_if: Callable[[dict], bool] | None = None
+
+    def streams(self, params: dict) -> bool:
+        """Whether the engine may stream this method with these (evaluated, global) parameters."""
+        return self.stream is not None and (self.stream_if is None or bool(self.stream_if(params)))
 
     @property
     def param_names(self) -> list[str]:

@@ -89,18 +89,43 @@ def slerp(base, deltas, weights, *, t=0.5):
     Returns:
         Δ = result − θ0, shape S.
     """
-    tau = _the_other("slerp", deltas)
-    other = base + tau
-    n0, n1 = _norm(base), _norm(other)
-    cos = _dot(base, other) / ((n0 if n0 > SLERP_EPS else 1.0) * (n1 if n1 > SLERP_EPS else 1.0))
-    del other
+    return slerp_apply(base, deltas, slerp_finish(slerp_stats(base, deltas), t=t))
+
+
+def slerp_stats(base, deltas) -> torch.Tensor:
+    """The sums slerp needs, additive over any split of the entries (the engine streams them by chunk):
+    float64 ``[Σθ0², then per input: Σθ_t², Σθ0·θ_t, #(τ_t ≠ 0)]`` with θ_t = θ0 + τ_t."""
+    out = [(base.to(F64) ** 2).sum()]
+    for d in deltas:
+        other = base + d
+        out += [(other.to(F64) ** 2).sum(), (base * other).sum(dtype=F64), d.ne(0).sum().to(F64)]
+    return torch.stack(out)
+
+
+def slerp_finish(stats: torch.Tensor, *, t=0.5) -> tuple[int, float, float]:
+    """``(k, a, b)`` from :func:`slerp_stats` summed over the whole tensor: Δ = a·τ_k + b·θ0."""
+    T = (len(stats) - 1) // 3
+    moved = [i for i in range(T) if float(stats[3 + 3 * i]) > 0]
+    if T == 1 or (T == 2 and len(moved) < 2):
+        k = moved[0] if moved and T == 2 else 0
+    else:
+        raise MergeError(f"slerp merges the base with exactly one other model: list that model (or the base and "
+                         f"that model); got {T} models, {len(moved)} of which differ from the base")
+    n0, n1 = math.sqrt(float(stats[0])), math.sqrt(float(stats[1 + 3 * k]))
+    cos = float(stats[2 + 3 * k]) / ((n0 if n0 > SLERP_EPS else 1.0) * (n1 if n1 > SLERP_EPS else 1.0))
     if abs(cos) > SLERP_DOT_THRESHOLD:
-        return tau * t
+        return k, t, 0.0
     omega = math.acos(cos)
     s = math.sin(omega)
     s0, s1 = math.sin((1 - t) * omega) / s, math.sin(t * omega) / s
-    # s0·θ0 + s1·(θ0 + τ) − θ0, without forming θ1 − θ0 again
-    return (tau * s1).add_(base, alpha=s0 + s1 - 1)
+    return k, s1, s0 + s1 - 1  # s0·θ0 + s1·(θ0 + τ) − θ0, without forming θ1 − θ0 again
+
+
+def slerp_apply(base, deltas, coef: tuple[int, float, float]) -> torch.Tensor:
+    """Δ = a·τ_k + b·θ0 on any slice of the tensor (``coef`` from :func:`slerp_finish`)."""
+    k, a, b = coef
+    out = deltas[k] * a
+    return out if b == 0.0 else out.add_(base, alpha=b)
 
 
 def _as_rows(x: torch.Tensor, flatten: bool, row_wise: bool):
@@ -265,18 +290,57 @@ def model_stock(base, deltas, weights, *, filter_wise=False):
     if N == 1:
         return deltas[0]
     shape = deltas[0].shape
-    rows = [d.reshape(-1, shape[-1]) if filter_wise and d.ndim >= 2 else d.reshape(1, -1) for d in deltas]
+    if not filter_wise or deltas[0].ndim < 2:
+        return model_stock_apply(base, deltas, model_stock_finish(model_stock_stats(base, deltas)))
+    rows = [d.reshape(-1, shape[-1]) for d in deltas]
     norms = [_row_norms(r) for r in rows]
     cos = torch.zeros_like(norms[0])
     for i in range(N):
         for j in range(i + 1, N):
             cos += (_row_dots(rows[i], rows[j]) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
-    cos /= N * (N - 1) / 2
-    t = N * cos / (1 + (N - 1) * cos)
+    return _stock_mean(rows, _stock_t(cos, N).unsqueeze(-1)).reshape(shape)
+
+
+def _stock_t(cos_sum: torch.Tensor, N: int) -> torch.Tensor:
+    cos = cos_sum / (N * (N - 1) / 2)
+    return N * cos / (1 + (N - 1) * cos)
+
+
+def _stock_mean(rows: list[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
     mean = rows[0].clone()
     for r in rows[1:]:
         mean.add_(r)
-    return mean.mul_((t / N).unsqueeze(-1).to(mean.dtype)).reshape(shape)
+    return mean.mul_((t / len(rows)).to(mean.dtype))
+
+
+def model_stock_stats(base, deltas) -> torch.Tensor:
+    """The sums model_stock (whole-tensor form) needs, additive over any split of the entries: float64
+    ``[‖τ_i‖² for each i, then ⟨τ_i, τ_j⟩ for i < j]``."""
+    out = [(d.to(F64) ** 2).sum() for d in deltas]
+    out += [(deltas[i] * deltas[j]).sum(dtype=F64) for i in range(len(deltas)) for j in range(i + 1, len(deltas))]
+    return torch.stack(out)
+
+
+def model_stock_finish(stats: torch.Tensor, *, filter_wise=False) -> torch.Tensor:
+    """The interpolation factor t (a float64 scalar tensor) from :func:`model_stock_stats` of the whole tensor
+    (the whole-tensor form only: ``filter_wise`` must be false)."""
+    assert not filter_wise, "filter_wise model_stock does not stream"
+    N = 1
+    while N + N * (N - 1) // 2 < len(stats):
+        N += 1
+    norms = stats[:N].sqrt()
+    cos = torch.zeros((), dtype=F64)
+    c = N
+    for i in range(N):
+        for j in range(i + 1, N):
+            cos = cos + (stats[c] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+            c += 1
+    return _stock_t(cos, N)
+
+
+def model_stock_apply(base, deltas, t: torch.Tensor) -> torch.Tensor:
+    """Δ = t·mean(τ) on any slice of the tensor (``t`` from :func:`model_stock_finish`)."""
+    return deltas[0].clone() if len(deltas) == 1 else _stock_mean(list(deltas), t)
 
 
 # --- DELLA ------------------------------------------------------------------------------------------
@@ -442,7 +506,8 @@ def _t(default, doc) -> Param:
 
 for _m in [
     Method("slerp", slerp, (NO_WEIGHT, _t(0.5, "interpolation factor: 0 gives the base, 1 the other model")),
-           "spherical interpolation between the base and one other model"),
+           "spherical interpolation between the base and one other model", stream="reduce",
+           reduce=(slerp_stats, slerp_finish, slerp_apply)),
     Method("nuslerp", nuslerp, (
         Param("weight", 1.0, _number, per_model=True, doc="relative weight; t = w_1 / (w_0 + w_1)"),
         Param("nuslerp_flatten", True, _boolean, doc="slerp each tensor as one vector (else row by row)"),
@@ -459,7 +524,9 @@ for _m in [
            "Karcher (Riemannian) mean of the models' weights", drops=True),
     Method("model_stock", model_stock, (
         NO_WEIGHT, Param("filter_wise", False, _boolean, doc="one interpolation factor per row")),
-           "interpolate base → mean of the models by t from their mean pairwise cosine"),
+           "interpolate base → mean of the models by t from their mean pairwise cosine", stream="reduce",
+           reduce=(model_stock_stats, model_stock_finish, model_stock_apply),
+           stream_if=lambda params: not params.get("filter_wise")),
     Method("della", della, (WEIGHT, DELLA_DENSITY, EPSILON, _rescale_param(True), _normalize(True), LAMBDA,
                             INT8_MASK, SEED),
            "magnitude-ranked random drop (density ± epsilon per row), rescale, TIES sign election",
