@@ -19,6 +19,7 @@ shape ``(B, o)``; over a whole split ``(n, o)``. Deltas are dicts ``{backbone-re
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -148,35 +149,192 @@ class Directional:
         return out
 
 
-def jvp_many(model: nn.Module, batch: dict, directions: list[dict[str, torch.Tensor]]):
-    """``(f0, [J·Δ_d for each d])`` on one batch, all first-order directions in one vmapped JVP.
+def _rows(batch: dict, start: int, stop: int) -> dict:
+    """Rows ``start:stop`` of every per-example tensor of ``batch`` (first dimension = examples)."""
+    n = batch["input_ids"].shape[0]
+    return {k: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
+            for k, v in batch.items()}
 
-    The primal forward pass is shared by all directions (``torch.func.vmap`` over the tangents only), so
-    ``D`` directions cost one forward plus ``D`` batched tangent passes instead of ``D`` separate JVPs.
-    Directions may touch different tensors (a missing tensor is a zero tangent). Each output ``(B, o)``.
-    """
+
+def _stack(directions: list[dict], keys: list[str], primals) -> list[torch.Tensor]:
+    """One ``(k, *shape)`` tangent per tensor over ``k`` directions (zeros where a direction lacks it)."""
+    return [torch.stack([d[k].to(p.device, p.dtype) if k in d else torch.zeros_like(p) for d in directions])
+            for k, p in zip(keys, primals)]
+
+
+def _jvp_vmapped(model: nn.Module, names, primals, keys, batch: dict, directions: list[dict]):
+    """``(f0 (B, o), J·Δ (k, B, o))`` for ``k`` directions on one batch: one vmapped JVP."""
     from torch.func import vmap
 
+    f = _call(model, names, batch)
+
+    def one(*tangents):
+        return jvp(f, primals, tangents)
+
+    f0, jd = vmap(one, out_dims=(None, 0))(*_stack(directions, keys, primals))  # primal shared by the tangents
+    return f0.detach(), jd.detach()
+
+
+@dataclass
+class JVPPlan:
+    """How :func:`jvp_many` splits one batch to stay inside a memory budget (all sizes in bytes).
+
+    Attributes:
+        examples: examples per chunk (rows of the batch evaluated together).
+        directions: directions per chunk (tangents vmapped together).
+        budget: the budget the plan was made for.
+        per_example: measured bytes per example of the primal pass (plus the margin).
+        per_example_direction: measured bytes per example and direction of the tangent pass (plus the margin).
+        tangent_bytes: bytes of one direction's stacked tangents (the delta tensors).
+        estimate: predicted peak of one chunk, ``directions·tangent_bytes + examples·(per_example +
+            directions·per_example_direction)``.
+    """
+
+    examples: int
+    directions: int
+    budget: int
+    per_example: int
+    per_example_direction: int
+    tangent_bytes: int
+    estimate: int
+
+
+#: margin on the measured probe: allocator rounding and kernels' workspaces the count does not see
+PLAN_MARGIN = 1.5
+_PROBES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def default_jvp_budget(device) -> int:
+    """Bytes :func:`jvp_many` may use by default: 60% of free GPU memory, or 40% of ``MemAvailable`` in
+    ``/proc/meminfo`` on the CPU (read at each call: what the machine has free now)."""
+    from .ntk.schedules import default_memory_budget
+
+    return default_memory_budget(device)
+
+
+def parse_budget(max_memory) -> int | float:
+    """A memory budget in bytes from ``16e9``, ``"16GB"``, ``"512MiB"`` or ``float("inf")`` (no limit);
+    raises :class:`TaskvecError` for anything else or a budget that is not positive."""
+    from .ntk.schedules import parse_bytes
+
+    if isinstance(max_memory, float) and max_memory == float("inf"):
+        return max_memory
+    try:
+        b = parse_bytes(max_memory)
+    except (ValueError, TypeError, OverflowError):
+        b = None
+    if isinstance(max_memory, bool) or b is None or b <= 0:
+        raise TaskvecError(f"max_memory: expected a positive number of bytes or a size such as '4GB', got "
+                           f"{max_memory!r}")
+    return b
+
+
+def _probe(model, names, primals, keys, batch, directions) -> tuple[int, int]:
+    """Measured peak bytes ``(one example · one direction, one example · two directions)`` (the second is
+    ``None`` for a single direction), cached per model, padded length and tensor set."""
+    from .tensor_memory import LiveTensorBytes
+
+    ck = (tuple(batch["input_ids"].shape[1:]), tuple(keys), len(directions) > 1, str(primals[0].device))
+    cache = _PROBES.setdefault(model, {})
+    if ck not in cache:
+        one = _rows(batch, 0, 1)
+        peaks = []
+        for k in ((1, 2) if len(directions) > 1 else (1,)):
+            with LiveTensorBytes() as m:
+                _jvp_vmapped(model, names, primals, keys, one, directions[:k])
+            peaks.append(m.peak)
+        cache[ck] = (peaks[0], peaks[1] if len(peaks) > 1 else None)
+    return cache[ck]
+
+
+def jvp_plan(model: nn.Module, batch: dict, directions: list[dict[str, torch.Tensor]],
+             max_memory=None) -> JVPPlan:
+    """The chunking :func:`jvp_many` uses for ``batch`` and ``directions`` under ``max_memory``.
+
+    One example along one and two directions is run under :class:`~taskvec.tensor_memory.LiveTensorBytes`
+    (peak bytes of the tensors it allocates); the cost is linear in the examples of a chunk (fixed padded
+    length) and in its directions, so ``per_example`` and ``per_example_direction`` follow, times
+    :data:`PLAN_MARGIN`. All directions go together when they fit (the primal pass is shared), then as many
+    examples as fit; otherwise fewer directions per chunk. ``max_memory``: bytes or a string (``"4GB"``);
+    default :func:`default_jvp_budget`. Raises :class:`TaskvecError` when one example along one direction
+    does not fit.
+    """
+    from .ntk.schedules import _fmt_bytes
+
+    union = _union(directions)
+    names, primals, _ = _primals_and_tangents(model, union)
+    keys = list(union)
+    n, D = batch["input_ids"].shape[0], len(directions)
+    budget = parse_budget(max_memory) if max_memory is not None else default_jvp_budget(primals[0].device)
+    if budget == float("inf"):
+        return JVPPlan(n, D, 0, 0, 0, 0, 0)
+    tangent = sum(p.numel() * p.element_size() for p in primals)
+    with eval_mode(model):
+        p1, p2 = _probe(model, names, primals, keys, batch, directions)
+    per_dir = max(p2 - p1 - tangent, 0) if p2 is not None else max(p1 - tangent, 0)
+    per_ex = max(p1 - tangent - per_dir, 0)
+    per_dir, per_ex = int(PLAN_MARGIN * per_dir), int(PLAN_MARGIN * per_ex)
+
+    def peak(c, k):
+        return k * tangent + c * (per_ex + k * per_dir)
+
+    k = int(max(1, min(D, (budget - per_ex) // max(tangent + per_dir, 1))))  # most directions one example allows
+    if peak(1, k) > budget:
+        T = batch["input_ids"].shape[1]
+        raise TaskvecError(f"jvp_many: one example of {T} tokens along one direction needs about "
+                           f"{_fmt_bytes(peak(1, 1))} but the memory budget is {_fmt_bytes(budget)}; lower the "
+                           "sequence length (max_length) or raise max_memory (validate.max_memory)")
+    c = max(1, min(n, (budget - k * tangent) // max(per_ex + k * per_dir, 1)))
+    return JVPPlan(int(c), k, budget, per_ex, per_dir, tangent, peak(int(c), k))
+
+
+def _union(directions: list[dict]) -> dict:
     if not directions:
         raise TaskvecError("jvp_many needs at least one direction")
     union: dict[str, torch.Tensor] = {}
     for d in directions:
         for k, v in d.items():
             union.setdefault(k, v)
+    return union
+
+
+def jvp_many(model: nn.Module, batch: dict, directions: list[dict[str, torch.Tensor]], max_memory=None,
+             plan: JVPPlan | None = None):
+    """``(f0, [J·Δ_d for each d])`` on one batch, the directions vmapped together within a memory budget.
+
+    The primal forward pass is shared by the directions of a chunk (``torch.func.vmap`` over the tangents
+    only), so ``D`` directions cost one forward plus ``D`` batched tangent passes instead of ``D`` separate
+    JVPs. Directions may touch different tensors (a missing tensor is a zero tangent). ``f0`` and each
+    ``J·Δ_d`` are ``(B, o)`` float32, in the units of the outputs (logits) per unit step along Δ_d.
+
+    Memory: the batch is split into chunks of examples and directions (:func:`jvp_plan`, or the ``plan``
+    given) whose estimated peak fits ``max_memory`` (bytes or ``"4GB"``; default :func:`default_jvp_budget`);
+    the results equal the unchunked ones up to float round-off. ``max_memory=float("inf")`` runs everything
+    in one chunk (no probe).
+    """
+    union = _union(directions)
     names, primals, _ = _primals_and_tangents(model, union)
     keys = list(union)
-    stacked = []
-    for k, p in zip(keys, primals):
-        stacked.append(torch.stack([d[k].to(p.device, p.dtype) if k in d else torch.zeros_like(p)
-                                    for d in directions]))
+    n, D = batch["input_ids"].shape[0], len(directions)
     with eval_mode(model):
-        f = _call(model, names, batch)
-
-        def one(*tangents):
-            return jvp(f, primals, tangents)
-
-        f0, jd = vmap(one, out_dims=(None, 0))(*stacked)  # the primal output does not depend on the tangent
-        return f0.detach(), [jd[i].detach() for i in range(len(directions))]
+        plan = plan if plan is not None else jvp_plan(model, batch, directions, max_memory)
+        f0s, outs = [], [[] for _ in range(D)]
+        for e0 in range(0, n, plan.examples):
+            sub = _rows(batch, e0, e0 + plan.examples)
+            for d0 in range(0, D, plan.directions):
+                try:
+                    f0, jd = _jvp_vmapped(model, names, primals, keys, sub, directions[d0:d0 + plan.directions])
+                except (MemoryError, RuntimeError) as e:
+                    if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
+                        raise
+                    raise TaskvecError(f"jvp_many ran out of memory on a chunk of {plan.examples} examples × "
+                                       f"{plan.directions} directions ({type(e).__name__}); lower max_memory "
+                                       "(validate.max_memory) or the sequence length") from None
+                if d0 == 0:
+                    f0s.append(f0)
+                for i in range(jd.shape[0]):
+                    outs[d0 + i].append(jd[i])
+        return torch.cat(f0s), [torch.cat(o) for o in outs]
 
 
 @contextlib.contextmanager
@@ -254,14 +412,15 @@ def finite_difference_derivatives(model: nn.Module, batches, directions: dict[st
 
 def directional_outputs(model: nn.Module, batches, directions: dict[str, dict[str, torch.Tensor]],
                         second_order: bool = False, device=None, batched: bool = True,
-                        second_order_method: str = "fd", fd_step: float = 1e-3) -> Directional:
+                        second_order_method: str = "fd", fd_step: float = 1e-3, max_memory=None) -> Directional:
     """f0 and J·Δ_d (and D²f[Δ_d, Δ_d] with ``second_order``) for every direction ``d`` over all batches.
 
     First order only: forward-mode JVPs, all directions of a batch together (:func:`jvp_many`, one shared
     primal pass) unless ``batched=False``. With ``second_order``: ``second_order_method="fd"`` (default)
     takes both terms from :func:`finite_difference_derivatives` (float64 central differences, two forward
     passes per direction); ``"jvp"`` a nested JVP per direction and batch (exact to float32 round-off,
-    several times slower). ``f0`` is always the float32 forward pass.
+    several times slower). ``f0`` is always the float32 forward pass. ``max_memory``: the budget of each
+    batch's batched JVP (:func:`jvp_many`; bytes or ``"4GB"``, default :func:`default_jvp_budget`).
     """
     if second_order_method not in ("fd", "jvp"):
         raise TaskvecError(f"second_order_method must be 'fd' or 'jvp', got {second_order_method!r}")
@@ -287,7 +446,7 @@ def directional_outputs(model: nn.Module, batches, directions: dict[str, dict[st
                 if nested:
                     hv[d].append(hdd.cpu())
         else:
-            f0, js = jvp_many(model, b, list(directions.values()))
+            f0, js = jvp_many(model, b, list(directions.values()), max_memory=max_memory)
             for d, j in zip(directions, js):
                 jv[d].append(j.cpu())
         f0s.append(f0.cpu())

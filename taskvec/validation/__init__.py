@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ..errors import TaskvecError
 from ..io import check_output, write_json
+from ..linearize import parse_budget
 from ..merge.memory import MergeSpec, merge_vectors
 from ..runs import device_of, open_run
 from .coefficients import choose_coefficients, coefficient_phase
@@ -133,7 +134,7 @@ def validate_run(run, merges: list[MergeSpec] | None = None, n_eval: int = 500, 
                  rank: int = 20, lambdas: list[float] | None = None, second_order: bool = True,
                  max_uncertainty: float = 1.0, ntk_aware: bool = True, device: str | None = None,
                  out: str | Path | None = None, progress: bool = True, overwrite: bool = False,
-                 n_holdout: int | None = None) -> ValidationResult:
+                 n_holdout: int | None = None, max_memory: int | float | str | None = None) -> ValidationResult:
     """Predict, measure and explain merges of a run's task vectors; write ``RUN/validation/results.json``.
 
     Args:
@@ -153,8 +154,12 @@ def validate_run(run, merges: list[MergeSpec] | None = None, n_eval: int = 500, 
             ``overwrite``.
         n_holdout: held-out test examples per task, disjoint from the evaluation subset, on which every
             claim is checked again (:mod:`~taskvec.validation.heldout`); default ``n_eval``; 0 skips it.
+        max_memory: memory budget of the batched JVPs (bytes or ``"4GB"``; default 40% of available RAM /
+            60% of free GPU memory; :func:`taskvec.linearize.jvp_many`). Config key ``validate.max_memory``.
     """
     t_start = time.time()
+    if max_memory is not None:
+        parse_budget(max_memory)  # a bad budget is refused before anything runs
     run = open_run(run, require="vectors")
     out = Path(out) if out else run.stage_dir("validate") / "results.json"
     check_output(out, overwrite)
@@ -172,7 +177,7 @@ def validate_run(run, merges: list[MergeSpec] | None = None, n_eval: int = 500, 
 
     eig = eigenspace_phase(ctx, rank, n_kernel, ntk_aware, progress)
     der = derivative_phase(ctx, _second_order_directions(ctx, merges, merge_deltas, eig.directions),
-                           second_order, progress)
+                           second_order, progress, max_memory=max_memory)
     tick = time.time()
     scorer = Scorer.from_derivatives(der, max_uncertainty)
     singles = measure_singles(ctx, scorer, progress)

@@ -52,18 +52,20 @@ class Derivatives:
 
 
 def derivative_phase(ctx: Context, second_dirs: dict[str, dict], second_order: bool = True,
-                     progress: bool = True) -> Derivatives:
+                     progress: bool = True, max_memory=None) -> Derivatives:
     """One batched JVP per task along every τ_t, and first + second order along each of ``second_dirs``
-    (``{name: Δ}``; ``sum`` = Σ τ and the non-task-arithmetic merges)."""
+    (``{name: Δ}``; ``sum`` = Σ τ and the non-task-arithmetic merges); ``max_memory``: the JVPs' budget
+    (:func:`taskvec.linearize.jvp_many`)."""
     from tqdm.auto import tqdm
 
     tick = time.time()
     dir_specs = {f"tau:{t}": ctx.vectors[t].deltas for t in ctx.names}
     D: dict[str, Directional] = {}
     for s in tqdm(ctx.names, desc="linearised predictions", disable=not progress):
-        d1 = directional_outputs(ctx.models[s], ctx.eval_batches[s], dir_specs, device=ctx.device)
+        d1 = directional_outputs(ctx.models[s], ctx.eval_batches[s], dir_specs, device=ctx.device,
+                                 max_memory=max_memory)
         d2 = directional_outputs(ctx.models[s], ctx.eval_batches[s], second_dirs, second_order=second_order,
-                                 device=ctx.device)
+                                 device=ctx.device, max_memory=max_memory)
         d1.jvps.update(d2.jvps)
         d1.hvps.update(d2.hvps)
         D[s] = d1
