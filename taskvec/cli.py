@@ -217,10 +217,20 @@ def cmd_validate(a) -> int:
     from .validation import validate_run
 
     run, out = _run_or_study(a)
+    if a.write_best:  # refused before the (long) validation, not after it
+        from .io import check_output
+
+        check_output(a.write_best, a.overwrite)
     res = validate_run(run, out=out, n_eval=a.n_eval, n_kernel=a.n_kernel, rank=a.rank,
                        second_order=not a.first_order, max_uncertainty=a.max_uncertainty, device=a.device,
                        overwrite=a.overwrite)
     print(summary_markdown({"validation": res}))
+    if a.write_best:
+        from .validation.best import write_best
+
+        merged, cand = write_best(run, a.write_best, res, overwrite=a.overwrite, device=a.device or "cpu")
+        print(f"wrote the recommended merge ({cand['name']}: measured {100 * cand['measured']:.2f}%, predicted "
+              f"{100 * cand['predicted']:.2f}% average normalised accuracy) to {merged.out_dir}")
     return 0
 
 
@@ -303,7 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "examples could flip under the neglected higher-order terms")
     s.add_argument("--first-order", action="store_true", help="skip the second-order term (no trust signal: every prediction is flagged)")
     s.add_argument("--device", default=None)
-    s.add_argument("--overwrite", action="store_true", help="replace an existing RUN/validation/results.json")
+    s.add_argument("--write-best", default=None, metavar="DIR",
+                   help="also write the best measured merge as a merged model directory (heads, model card with "
+                        "predicted and measured per-task numbers)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing RUN/validation/results.json (and --write-best DIR)")
     s.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("report", help="write RUN/report/report.html (+ PNG figures) and RUN/results.json")

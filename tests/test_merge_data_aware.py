@@ -85,7 +85,7 @@ def test_bad_shapes_and_counts_are_refused():
         regmean_delta(d, [torch.zeros(6, 6, dtype=torch.float64)] * 2, [1.0, 1.0], alpha=0.9)
     with pytest.raises(MergeError, match="a Fisher of shape"):
         fisher_delta(d, [torch.ones(6, 5)] * 2, [1.0, 1.0])
-    with pytest.raises(MergeError, match="need statistics of each task's data"):
+    with pytest.raises(MergeError, match="need statistics of each task.s data"):
         merge_vectors([type("V", (), {"deltas": {"w": torch.zeros(2)}})()], "fisher", {"w": torch.zeros(2)})
 
 
@@ -259,3 +259,69 @@ def test_validation_measures_the_merge_that_taskvec_merge_writes(tiny_run, tmp_p
             model = load_task_model(out / "heads" / t, backbone=out)
             f, y = forward_outputs(model, run.eval_batches(t, 24))
             assert accuracy(f, y) == pytest.approx(rows[spec.name]["per_task"][t]["measured"], abs=1e-12), (spec, t)
+
+
+# --- NTK-aware merges on disk; the merge validation recommends ---------------------------------------
+
+
+def _disk_accuracy(out, run, t, n_eval):
+    from taskvec.linearize import accuracy, forward_outputs
+    from taskvec.modeling import load_task_model
+
+    f, y = forward_outputs(load_task_model(out / "heads" / t, backbone=out), run.eval_batches(t, n_eval))
+    return accuracy(f, y)
+
+
+def test_ntk_aware_merge_of_a_run_is_lambda_times_validations_direction(tiny_run, tmp_path):
+    from taskvec.validation.context import load_context
+    from taskvec.validation.eigen import eigenspace_phase
+
+    run = open_run(tiny_run)
+    out = tmp_path / "ntk"
+    merge({"run": str(tiny_run), "method": "ntk_aware_harmful", "parameters": {"lambda": 0.7, "rank": 2,
+                                                                               "n_kernel": 6}}, out, show_progress=False)
+    eig = eigenspace_phase(load_context(run, 1, 6, torch.device("cpu"), 0), 2, 6, ntk_aware=True, progress=False)
+    merged, base = _merged(out), _merged_base(run)
+    direction = eig.directions["ntk_harm_sum"]
+    assert set(direction) == set(run.vector("a").deltas)
+    for k, d in direction.items():
+        name = next(n for n in merged if n.endswith(k))
+        torch.testing.assert_close(merged[name], base[name] + 0.7 * d, rtol=0, atol=1e-6)
+        assert not torch.allclose(d, sum(run.vector(t).deltas[k] for t in run.names), atol=1e-7)  # projected
+    with pytest.raises(MergeError, match="merges every task of"):
+        merge({"run": str(tiny_run), "method": "ntk_aware", "tasks": ["a", "b"]}, tmp_path / "sub")
+    with pytest.raises(MergeError, match="set lambda instead of per-task weights"):
+        merge({"run": str(tiny_run), "method": "ntk_aware", "tasks": {"a": {"weight": 2}, "b": {}, "c": {}}},
+              tmp_path / "w")
+
+
+def test_validate_write_best_writes_the_recommended_merge_with_its_measured_accuracy(tiny_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    from taskvec.cli import main
+    from taskvec.validation.best import candidates, merge_config, recommended
+
+    shutil.copytree(tiny_run, tmp_path / "run")
+    root, out = tmp_path / "run", tmp_path / "best"
+    argv = ["validate", str(root), "--n-eval", "24", "--n-kernel", "6", "--rank", "2", "--write-best", str(out)]
+    assert main(argv) == 0
+    assert main(argv) == 2  # an existing DIR is refused (before validating) without --overwrite
+    run = open_run(root)
+    results = run.validation_results()
+    cand = recommended(results)
+    assert cand["measured"] == max(c["measured"] for c in candidates(results))
+    assert yaml.safe_load((out / "merge_config.yaml").read_text())["method"] == cand["method"]
+    card = (out / "README.md").read_text()
+    assert "## Validation" in card and cand["name"] in card
+    for t in run.names:
+        assert _disk_accuracy(out, run, t, 24) == pytest.approx(cand["per_task"][t]["measured"], abs=1e-12), t
+        assert f"| {t} | 24 | " in card and f"{100 * cand['per_task'][t]['measured']:.2f} |" in card
+    # every candidate written from its config reproduces its measured accuracy (NTK-aware ones included)
+    for i, c in enumerate(candidates(results)):
+        if c["method"] == "ntk_aware_harmful" or c["tasks"] is not None:
+            dest = tmp_path / f"candidate{i}"
+            merge(merge_config(root, c, results), dest, show_progress=False)
+            for t in run.names:
+                assert _disk_accuracy(dest, run, t, 24) == pytest.approx(c["per_task"][t]["measured"], abs=1e-12)

@@ -8,6 +8,10 @@ Definitions (``../shared/THEORY.md``, "Merge methods"):
   F̃_t = F_t/‖F_t‖ + ε (``normalize``: each task's Fisher divided by its L2 norm over all merged tensors, as
   FusionBench; ``floor`` ε = 1e-6). Where every F_t is zero this is the weighted mean. In terms of task
   vectors: Δ = Σ_t w_t·F̃_t·τ_t / Σ_t w_t·F̃_t.
+* **NTK-aware** (``ntk_aware``, ``ntk_aware_harmful``; docs/validation.md, "Prediction-driven merging"):
+  Δ = λ·Σ_t τ_t', each τ_t without its component in the other tasks' top-r eNTK eigenspaces (all of it, or
+  only the part that raises their training loss), computed by validation's own eigenspace phase
+  (:func:`taskvec.validation.eigen.eigenspace_phase` on :func:`taskvec.validation.context.load_context`).
 * **RegMean** (Jin et al. 2023): per linear layer, G_t = X_tᵀX_t / #tokens of the layer's inputs in θ_t on
   task t's examples (padding excluded; float64), off-diagonal entries × α (default 0.9); with W as
   (d_in, d_out), W* = (Σ_t w_t G_t)⁻¹ Σ_t w_t G_t W_t, i.e. Δ = (Σ w_t G_t)⁻¹ Σ w_t G_t τ_t. Every other
@@ -31,7 +35,8 @@ import torch
 
 from .methods import WEIGHT, Method, MergeError, Param, _boolean, _integer, register
 
-DATA_AWARE = ("fisher", "regmean")
+NTK_AWARE = ("ntk_aware", "ntk_aware_harmful")
+DATA_AWARE = ("fisher", "regmean", *NTK_AWARE)
 
 
 def is_data_aware(method: str) -> bool:
@@ -236,11 +241,11 @@ class TaskStatistics:
 
 
 def run_statistics(run, method: str, tasks: list[str], keys, n_examples: int = 256, device=None,
-                   normalize: bool = True) -> TaskStatistics:
+                   normalize: bool = True, rank: int = 20, n_kernel: int = 128) -> TaskStatistics:
     """Statistics of ``method`` for each task of ``run`` (a :class:`~taskvec.runs.Run` or its directory):
     at the task's fine-tuned model (:meth:`Run.finetuned_model`) on its first ``n_examples`` seeded training
     examples (:meth:`Run.kernel_batches`). Fisher: each task's Fisher divided by its L2 norm over ``keys``
-    when ``normalize``."""
+    when ``normalize``. NTK-aware methods: :func:`ntk_statistics` (``rank``, ``n_kernel``)."""
     from ..runs import RunError, device_of, open_run
 
     if not is_data_aware(method):
@@ -253,6 +258,8 @@ def run_statistics(run, method: str, tasks: list[str], keys, n_examples: int = 2
     keys = sorted(keys)
     if not keys:
         raise MergeError(f"method {method!r}: no tensors to merge")
+    if method in NTK_AWARE:
+        return ntk_statistics(run, method, tasks, keys, rank, n_kernel, dev)
     stats = TaskStatistics(method, {})
     for t in tasks:
         rt = run.task(t)
@@ -274,9 +281,35 @@ def run_statistics(run, method: str, tasks: list[str], keys, n_examples: int = 2
     return stats
 
 
+def ntk_statistics(run, method: str, tasks: list[str], keys, rank: int, n_kernel: int, device) -> TaskStatistics:
+    """The NTK-aware merge direction Σ_t τ_t' of every task of ``run`` (``tensors["*"][key]``), from validation's
+    eigenspace phase: the top-``rank`` eigenspaces of each task's eNTK on its first ``n_kernel`` seeded
+    training examples. Every task of the run takes part (``tasks`` must be all of them, in the run's order)."""
+    from ..errors import TaskvecError
+    from ..validation.context import load_context
+    from ..validation.eigen import eigenspace_phase
+
+    if list(tasks) != run.names:
+        raise MergeError(f"method {method!r} projects each task vector out of the other tasks' eigenspaces: it "
+                         f"merges every task of {run.root} ({', '.join(run.names)}), not a selection "
+                         f"({', '.join(tasks)})")
+    try:
+        ctx = load_context(run, 1, n_kernel, device, 0)
+        eig = eigenspace_phase(ctx, rank, n_kernel, ntk_aware=True, progress=False)
+    except TaskvecError as e:
+        raise MergeError(f"method {method!r}: {e}") from None
+    direction = eig.directions["ntk_sum" if method == "ntk_aware" else "ntk_harm_sum"]
+    missing = [k for k in keys if k not in direction]
+    if missing:
+        raise MergeError(f"method {method!r}: no NTK-aware direction for tensor {missing[0]!r}")
+    return TaskStatistics(method, {"*": {k: direction[k] for k in keys}}, n_examples={t: n_kernel for t in tasks})
+
+
 def merge_tensor(stats: TaskStatistics, key: str, deltas: list[torch.Tensor], weights: list[float],
                  params: dict) -> torch.Tensor:
     """The data-aware merged Δ of tensor ``key`` (the statistics' name) from its T task vectors."""
+    if stats.method in NTK_AWARE:  # the direction is already merged over the tasks: Δ = λ·Σ_t τ_t'
+        return params.get("lambda", 1.0) * stats.tensors["*"][key].to(deltas[0])
     tasks = list(stats.tensors)
     if len(tasks) != len(deltas):
         raise MergeError(f"{stats.method}: statistics of {len(tasks)} tasks for {len(deltas)} inputs")
@@ -313,9 +346,12 @@ def plan_statistics(p, device: str = "cpu") -> tuple[TaskStatistics, dict[str, s
     keys = sorted({inp.keys.get(n, n) for n in covered for inp in p.inputs if inp.covers(n)})
     mapping = align(keys, covered)
     to_key = {_map(k, mapping): k for k in keys}
-    n = _global(cfg, "n_examples", 256)
-    stats = run_statistics(cfg.run, cfg.method, [inp.name for inp in p.inputs], keys, n, device,
-                           normalize=_global(cfg, "normalize", True))
+    if cfg.method in NTK_AWARE and any(cfg.model_params(i)["weight"] != 1 for i in range(len(cfg.models))):
+        raise MergeError(f"method {cfg.method!r} sums the projected task vectors with weight 1; set lambda instead "
+                         "of per-task weights")
+    stats = run_statistics(cfg.run, cfg.method, [inp.name for inp in p.inputs], keys,
+                           _global(cfg, "n_examples", 256), device, normalize=_global(cfg, "normalize", True),
+                           rank=_global(cfg, "rank", 20), n_kernel=_global(cfg, "n_kernel", 128))
     return stats, {b: to_key[b] for b in covered if b in to_key}
 
 
@@ -361,7 +397,9 @@ def merge_run_vectors(run, vectors, method: str, base_state: dict, tasks: list[s
     full = {p.name: params.get(p.name, p.default) for p in m.params}
     weights = full["weight"] if isinstance(full["weight"], (list, tuple)) else [full["weight"]] * len(vectors)
     keys = sorted(set().union(*[v.deltas for v in vectors]))
-    stats = run_statistics(run, method, tasks, keys, full["n_examples"], device, normalize=full.get("normalize", True))
+    stats = run_statistics(run, method, tasks, keys, full.get("n_examples", 256), device,
+                           normalize=full.get("normalize", True), rank=full.get("rank", 20),
+                           n_kernel=full.get("n_kernel", 128))
     out = {}
     for k in keys:
         base = base_state[k].float()
@@ -388,8 +426,8 @@ def _unit_closed(v) -> str | None:
 
 
 def _needs_statistics(base, deltas, weights, **params):
-    raise MergeError("fisher and regmean need statistics of each task's data: merge a run ('run: RUN' with "
-                     "taskvec merge) or call taskvec.merge.data_aware.merge_run_vectors")
+    raise MergeError(f"the data-aware methods ({', '.join(DATA_AWARE)}) need statistics of each task's data: merge a "
+                     "run ('run: RUN' with taskvec merge) or call taskvec.merge.data_aware.merge_run_vectors")
 
 
 N_EXAMPLES = Param("n_examples", 256, _positive_int, doc="training examples per task for the statistics")
@@ -398,11 +436,19 @@ register(Method("fisher", _needs_statistics,
                  Param("normalize", True, _boolean, doc="divide each task's Fisher by its L2 norm")),
                 "Fisher-weighted average (diagonal Fisher of each fine-tuned model on its task's data)",
                 mergekit=False))
+for _name, _doc in (("ntk_aware", "remove from each τ_t its component in the other tasks' top-r eNTK eigenspaces"),
+                   ("ntk_aware_harmful", "remove from each τ_t only the eigenspace components that raise the other "
+                                         "tasks' training loss")):
+    register(Method(_name, _needs_statistics,
+                    (WEIGHT, Param("lambda", 1.0, _nonneg, doc="scale λ of the summed projected task vectors"),
+                     Param("rank", 20, _positive_int, doc="r of each task's top-r eNTK eigenspace"),
+                     Param("n_kernel", 128, _positive_int, doc="training examples per task of the eNTK")),
+                    _doc + " (docs/validation.md); then λ·Σ_t τ_t'", mergekit=False))
 register(Method("regmean", _needs_statistics,
                 (WEIGHT, N_EXAMPLES, Param("alpha", 0.9, _unit_closed, doc="scale of the Grams' off-diagonal entries")),
                 "RegMean: per linear layer (Σ G_t)⁻¹ Σ G_t W_t from the layer inputs' Grams; other tensors averaged",
                 mergekit=False))
 
-__all__ = ["DATA_AWARE", "TaskStatistics", "fisher_delta", "fisher_statistics", "gram_statistics", "is_data_aware",
-           "mean_delta", "merge_run_vectors", "merge_tensor", "merged_tensors", "plan_statistics", "regmean_delta",
+__all__ = ["DATA_AWARE", "NTK_AWARE", "TaskStatistics", "fisher_delta", "fisher_statistics", "gram_statistics", "is_data_aware",
+           "mean_delta", "merge_run_vectors", "merge_tensor", "merged_tensors", "ntk_statistics", "plan_statistics", "regmean_delta",
            "run_statistics", "scale_off_diagonal"]
