@@ -311,6 +311,11 @@ def summary_tables(val: dict) -> list[tuple[list[str], list[list[str]]]]:
         ["prediction-chosen per-task coefficients (1 full evaluation)",
          f"{100 * c['chosen']['per_task']['measured']:.2f}% (gap {c['gap_points_per_task']:+.2f} points)"],
     ]
+    comp = val.get("compute") or {}
+    if comp.get("prediction_fpe") is not None:
+        rows.append(["cost of the predictions phase (all merges' directions), in full evaluations by time "
+                     f"(1 = {comp['seconds_per_fpe']:.1f} s) / of the measured λ grid",
+                     f"{comp['prediction_fpe']:.1f} / {comp['grid_fpe']:.0f}"])
     h = s.get("heldout")
     if h:
         n_h = sorted(set(h["n_holdout"].values()))
@@ -515,4 +520,22 @@ def _validation_section(val: dict, figs: dict) -> list[str]:
                  f"{c['gap_points_per_task']:+.2f} points (per-task coefficients).</p>")
     parts.append(f"<p class=note>Validation wall time {val['wall_time_s']:.0f} s on {html.escape(val['device'])}; "
                  f"{val['evaluations']} merged models built and evaluated.</p>")
+    if val.get("compute"):
+        parts.append("<p class=note>Compute per phase, in forward-pass equivalents (FPE: one float32 forward over "
+                     "every task's evaluation examples, what measuring one merge costs): the operations counted, "
+                     "and the phase's seconds divided by the seconds of one measurement.</p>")
+        parts.append(_table(*compute_table(val["compute"])[::-1], left=(0, 3)))
     return parts
+
+
+def compute_table(compute: dict) -> tuple[list[str], list[list[str]]]:
+    """``(header, rows)`` of a validation's compute ledger (``results["compute"]``, see
+    :mod:`taskvec.validation.costs`): per phase its seconds, FPE by time and the operations counted."""
+    rows = []
+    for name, ph in compute["phases"].items():
+        ops = ", ".join(f"{op} {v:.2f}" for op, v in ph["ops"].items()) or "–"
+        rows.append([name, f"{ph['seconds']:.1f}", "–" if ph["fpe_by_time"] is None else f"{ph['fpe_by_time']:.1f}",
+                     ops])
+    t = compute["total"]
+    rows.append(["total", f"{t['seconds']:.1f}", "–" if t["fpe_by_time"] is None else f"{t['fpe_by_time']:.1f}", ""])
+    return ["phase", "seconds", "FPE by time", "operations counted (FPE)"], rows

@@ -97,6 +97,27 @@ def test_validate_run_end_to_end(tiny_run):
             assert ho["band_points"] >= 2 * ho["se_points"] >= 0
     assert h["n_trusted"] == r["summary"]["n_trusted"]
     assert h["coefficients"]["grid_best_lambda"] == r["coefficients"]["grid_best_lambda"]
+    # compute, in forward-pass equivalents (FPE: one float32 forward over every task's evaluation examples)
+    c = r["compute"]
+    n_eval = sum(r["n_eval"].values())
+    assert c["unit_examples"] == n_eval and c["seconds_per_fpe"] > 0
+    ph = c["phases"]
+    # measurements: 1 FPE each — singles T, the 2 configured merges, pairs, the grid, 2 chosen, 3 NTK-aware/TA
+    assert ph["singles"]["ops"]["forward"] == pytest.approx(T)
+    assert ph["merges"]["ops"]["forward"] == pytest.approx(2)
+    assert ph["interference"]["ops"]["forward"] == pytest.approx(T * (T - 1) / 2)
+    assert ph["coefficients"]["ops"]["forward"] == pytest.approx(2 + 2)
+    assert ph["ntk_aware_merges"]["ops"]["forward"] == pytest.approx(3)
+    assert sum(p["ops"].get("forward", 0) for k, p in ph.items() if k in (
+        "singles", "merges", "interference", "coefficients", "ntk_aware_merges")) == pytest.approx(r["evaluations"])
+    # predictions: per task a JVP along the T τ's (1 primal + T tangents), float32 f0, and float64 central
+    # differences along Σ τ, TIES and the two NTK-aware sums (1 + 2·4 forwards): summed over tasks = per FPE
+    pred = ph["predictions"]["ops"]
+    assert pred["forward"] == pytest.approx(2) and pred["jvp_tangents"] == pytest.approx(T)
+    assert pred["forward64"] == pytest.approx(1 + 2 * 4)
+    assert c["prediction_fpe"] == pytest.approx(ph["predictions"]["fpe_by_time"]) and c["grid_fpe"] == 2
+    assert ph["heldout"]["ops"]["forward"] > 0 and ph["eigenspaces"]["ops"]["reverse"] > 0
+    assert c["total"]["seconds"] == pytest.approx(sum(p["seconds"] for p in ph.values()))
 
 
 def test_eigenspace_component_is_the_orthogonal_projection():

@@ -89,3 +89,29 @@ def test_validation_result_shows_a_summary_not_a_dump():
     assert len(repr(r)) < 600 and "<table>" in r._repr_html_()
     assert r["summary"]["n_trusted"] == 1 and isinstance(r, dict)
     assert not math.isnan(r["wall_time_s"])
+
+
+def test_ledger_counts_in_forward_pass_equivalents_and_times_phases():
+    import time
+
+    from taskvec.validation.costs import Ledger, prediction_cost
+
+    led = Ledger(unit_examples=200)
+    with led.phase("a"):
+        led.add("forward", 100)  # half of the evaluation examples: 0.5 FPE
+        led.add("forward64", 200, 3)
+        time.sleep(0.02)
+    with led.phase("b"):
+        led.add("jvp_tangents", 50, 4)
+    led.measure_seconds += [0.01, 0.03, 0.02]
+    out = led.to_json()
+    assert out["seconds_per_fpe"] == 0.02
+    a = out["phases"]["a"]
+    assert a["ops"] == {"forward": 0.5, "forward64": 3.0}
+    assert a["seconds"] >= 0.02 and a["fpe_by_time"] == a["seconds"] / 0.02
+    assert out["phases"]["b"]["ops"] == {"jvp_tangents": 1.0}
+    assert prediction_cost(out, ("a", "b")) == a["fpe_by_time"] + out["phases"]["b"]["fpe_by_time"]
+    assert prediction_cost(out, ("missing",)) is None
+    with pytest.raises(ValueError, match="unknown operation"):
+        led.add("backward", 1)
+    assert Ledger(10).to_json()["seconds_per_fpe"] is None

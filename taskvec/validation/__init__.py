@@ -35,6 +35,7 @@ from ..merge.memory import MergeSpec, merge_vectors
 from ..runs import device_of, open_run
 from .coefficients import choose_coefficients, coefficient_phase
 from .context import Context, load_context
+from .costs import Ledger, prediction_cost
 from .eigen import EigenPhase, eigenspace_phase
 from .heldout import holdout_phase
 from .measure import interference_phase, measure_merges, measure_singles
@@ -52,7 +53,7 @@ DEFAULT_MERGES = [
 DEFAULT_LAMBDAS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.2]
 
 __all__ = ["DEFAULT_LAMBDAS", "DEFAULT_MERGES", "Context", "Derivatives", "EigenPhase", "MergeSpec", "Scorer",
-           "ValidationResult", "choose_coefficients", "coefficient_phase", "derivative_phase",
+           "Ledger", "ValidationResult", "choose_coefficients", "coefficient_phase", "derivative_phase",
            "eigenspace_phase", "holdout_phase", "interference_phase", "load_context", "measure_merges", "measure_singles",
            "summarize", "validate_run", "weight_space"]
 
@@ -173,28 +174,40 @@ def validate_run(run, merges: list[MergeSpec] | None = None, n_eval: int = 500, 
     device = device_of(device)
     ctx = load_context(run, n_eval, n_kernel, device, n_eval if n_holdout is None else n_holdout)
     tvs = [ctx.vectors[t] for t in ctx.names]
-    merge_deltas = {m.name: _merge_delta(ctx, tvs, m) for m in merges}
-
-    eig = eigenspace_phase(ctx, rank, n_kernel, ntk_aware, progress)
-    der = derivative_phase(ctx, _second_order_directions(ctx, merges, merge_deltas, eig.directions),
-                           second_order, progress, max_memory=max_memory)
+    led = ctx.ledger
+    with led.phase("merge_directions"):  # every configured merge built in memory (fisher/regmean: + statistics)
+        merge_deltas = {m.name: _merge_delta(ctx, tvs, m) for m in merges}
+    with led.phase("eigenspaces"):
+        eig = eigenspace_phase(ctx, rank, n_kernel, ntk_aware, progress)
+    with led.phase("predictions"):
+        der = derivative_phase(ctx, _second_order_directions(ctx, merges, merge_deltas, eig.directions),
+                               second_order, progress, max_memory=max_memory)
     tick = time.time()
     scorer = Scorer.from_derivatives(der, max_uncertainty)
-    singles = measure_singles(ctx, scorer, progress)
+    with led.phase("singles"):
+        singles = measure_singles(ctx, scorer, progress)
     built: dict = {}
-    merge_results = measure_merges(ctx, der, scorer, merges, merge_deltas, progress, built=built)
-    inter = interference_phase(ctx, der, scorer, singles)
-    coefficients = coefficient_phase(ctx, der, scorer, lambdas, progress)
+    with led.phase("merges"):
+        merge_results = measure_merges(ctx, der, scorer, merges, merge_deltas, progress, built=built)
+    with led.phase("interference"):
+        inter = interference_phase(ctx, der, scorer, singles)
+    with led.phase("coefficients"):
+        coefficients = coefficient_phase(ctx, der, scorer, lambdas, progress)
     if ntk_aware:
-        merge_results += _ntk_aware_merges(ctx, der, scorer, eig, coefficients["lambda_star"], built)
+        with led.phase("ntk_aware_merges"):
+            merge_results += _ntk_aware_merges(ctx, der, scorer, eig, coefficients["lambda_star"], built)
     timings = {"eigenspaces": eig.bases_seconds, "eigen_total": eig.seconds, "predictions": der.seconds,
                "measurements_and_search": time.time() - tick}
     summary = summarize(merge_results, second_order, max_uncertainty, inter["I_pred"], inter["I_meas"])
     tick = time.time()
-    heldout = holdout_phase(ctx, merge_results, built, coefficients, progress)
+    with led.phase("heldout"):
+        heldout = holdout_phase(ctx, merge_results, built, coefficients, progress)
     if heldout is not None:
         summary["heldout"] = heldout
         timings["heldout"] = time.time() - tick
+    compute = led.to_json()
+    compute["prediction_fpe"] = prediction_cost(compute, ("predictions",))
+    compute["grid_fpe"] = float(coefficients["grid_evaluations"])
     results = ValidationResult({
         "run": str(run.root), "tasks": ctx.names, "n_eval": {s: len(ctx.eval_batches[s].indices) for s in ctx.names},
         "device": str(device), "second_order": second_order,
@@ -203,7 +216,7 @@ def validate_run(run, merges: list[MergeSpec] | None = None, n_eval: int = 500, 
         "merges": merge_results, "summary": summary, "interference": inter["interference"],
         "disentanglement": inter["disentanglement"], "coefficients": coefficients, "eigen": eig.info,
         "weight_space": weight_space(tvs), "evaluations": ctx.evaluations,
-        "heldout_evaluations": ctx.holdout_evaluations, "timings_s": timings,
+        "heldout_evaluations": ctx.holdout_evaluations, "timings_s": timings, "compute": compute,
         "wall_time_s": time.time() - t_start,
     })
     write_json(out, results, overwrite=True)

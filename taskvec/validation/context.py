@@ -10,6 +10,7 @@ import torch
 from ..errors import TaskvecError
 from ..linearize import forward_outputs
 from ..runs import Run
+from .costs import Ledger
 
 
 def add_deltas(a: dict, b: dict, cb: float = 1.0) -> dict:
@@ -67,15 +68,23 @@ class Context:
     sum_tau: dict = field(default_factory=dict)
     holdout_batches: dict = field(default_factory=dict)  # {task: Batches} disjoint from eval_batches (may be {})
     holdout_evaluations: int = 0
+    ledger: Ledger | None = None  # compute spent per phase (costs.py); made by load_context
 
     def measure(self, delta: dict | None, holdout: bool = False, tasks=None) -> dict[str, torch.Tensor]:
         """Logits ``(n_s, o_s)`` of every task s (or of ``tasks``) on its evaluation subset — or on its held-out
         subset — at θ0 + ``delta`` (one full evaluation, counted in :attr:`evaluations` /
         :attr:`holdout_evaluations`)."""
+        import time
+
         batches = self.holdout_batches if holdout else self.eval_batches
+        tick = time.perf_counter()
         self.shared.set(delta)
         res = {s: forward_outputs(self.models[s], batches[s], self.device)[0].float() for s in (tasks or self.names)}
         self.shared.set(None)
+        if self.ledger is not None:
+            self.ledger.add("forward", sum(len(batches[s].indices) for s in (tasks or self.names)))
+            if not holdout and tasks is None:
+                self.ledger.measure_seconds.append(time.perf_counter() - tick)
         if holdout:
             self.holdout_evaluations += 1
         else:
@@ -105,7 +114,8 @@ def load_context(run: Run, n_eval: int, n_kernel: int, device, n_holdout: int = 
         if all(idx.values()):  # else a test split no larger than the evaluation subset: nothing to hold out
             holdout = {t: run.batches(t, idx[t], sort_by_length=True) for t in names}
     return Context(run, names, device, vectors, models, eval_batches, kernel_batches, keys, shared, base_state,
-                   sum_tau=sum_tau, holdout_batches=holdout)
+                   sum_tau=sum_tau, holdout_batches=holdout,
+                   ledger=Ledger(sum(len(b.indices) for b in eval_batches.values())))
 
 
 def kernel_scope(run: Run, keys: list[str]) -> str:

@@ -63,6 +63,11 @@ def _bases(ctx: Context, rank: int, progress: bool):
         Ks[t] = _flat_kernel(empirical_ntk(ctx.models[t], kin, params=scope, kernel="full", groups=False))
         spaces[t] = top_eigenspace(Ks[t], rank)
         bases[t] = eigenspace_basis(ctx.models[t], ctx.kernel_batches[t], spaces[t], ctx.keys, device=ctx.device)
+        if ctx.ledger is not None:  # per-example gradients of every output row, then 1 forward + r VJPs
+            n, rows = len(ctx.kernel_batches[t].indices), Ks[t].shape[0]
+            ctx.ledger.add("reverse", rows)
+            ctx.ledger.add("forward", n)
+            ctx.ledger.add("reverse", n, spaces[t].U.shape[1])
     return Ks, spaces, bases
 
 
@@ -75,6 +80,8 @@ def _ntk_aware_directions(ctx: Context, spaces: dict[str, Eigenspace], bases: di
     helps = {}
     for s in names:
         f0k, yk = forward_outputs(ctx.models[s], ctx.kernel_batches[s], ctx.device)
+        if ctx.ledger is not None:
+            ctx.ledger.add("forward", len(yk))
         r = (torch.nn.functional.one_hot(yk, f0k.shape[-1]).double() - f0k.double().softmax(-1)).reshape(-1)
         helps[s] = spaces[s].U.T @ r  # (r,)
     proj, harm = {}, {}

@@ -69,7 +69,24 @@ def derivative_phase(ctx: Context, second_dirs: dict[str, dict], second_order: b
         d1.jvps.update(d2.jvps)
         d1.hvps.update(d2.hvps)
         D[s] = d1
+        if ctx.ledger is not None:
+            _count(ctx, s, len(dir_specs), len(second_dirs), second_order)
     return Derivatives(list(ctx.names), D, second_order, time.time() - tick)
+
+
+def _count(ctx: Context, s: str, n_tau: int, n_second: int, second_order: bool) -> None:
+    """What :func:`derivative_phase` spent on task ``s`` (see :mod:`~taskvec.validation.costs`): a batched JVP
+    along the τ's (one primal pass + its tangents), then along the other directions float64 central
+    differences (one forward at θ0 + two per direction, and the float32 f0) or, first order only, JVPs."""
+    n = len(ctx.eval_batches[s].indices)
+    ctx.ledger.add("forward", n)
+    ctx.ledger.add("jvp_tangents", n, n_tau)
+    if second_order:
+        ctx.ledger.add("forward", n)
+        ctx.ledger.add("forward64", n, 1 + 2 * n_second)
+    elif n_second:
+        ctx.ledger.add("forward", n)
+        ctx.ledger.add("jvp_tangents", n, n_second)
 
 
 @dataclass
