@@ -217,16 +217,22 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _merge_dir(out: Path, name: str) -> Path:
+    """``OUT/merges/<name>``: where the merge stage writes the merge named ``name`` (file-safe)."""
+    from .runs import stage_path
+
+    return stage_path(out, "merge") / (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_"))
+
+
 def _merge_stage(cfg: dict, out: Path, redo: bool) -> dict:
     """Write each configured merge (not the NTK-aware ones: the validate stage builds those in memory)."""
     from .merge import merge
-    from .runs import stage_path
 
     written = {}
     for spec in merge_specs(cfg):
         if spec.method in ("ntk_aware", "ntk_aware_harmful"):
             continue
-        dest = stage_path(out, "merge") / (re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name).strip("_"))
+        dest = _merge_dir(out, spec.name)
         if not dest.exists() or redo:
             merge({"run": str(out), "method": spec.method, "parameters": spec.params}, dest,
                   overwrite=True, show_progress=False)
@@ -267,6 +273,9 @@ def _run_stage(stage: str, cfg: dict, out: Path, tasks: list, redo: bool):
         from .validation import validate_run
 
         res = validate_run(out, merges=merge_specs(cfg) or None, overwrite=True, **dict(cfg.get("validate") or {}))
+        from .validation.best import annotate_cards  # the merge stage's model cards get the measured numbers
+
+        annotate_cards(res, {s.name: _merge_dir(out, s.name) for s in merge_specs(cfg)})
         return {"summary": res["summary"], "path": str(stage_path(out, "validate")),
                 "coefficients": {k: v for k, v in res["coefficients"].items() if k != "grid"}}
     if stage == "report":

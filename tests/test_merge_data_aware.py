@@ -301,7 +301,7 @@ def test_validate_write_best_writes_the_recommended_merge_with_its_measured_accu
     import yaml
 
     from taskvec.cli import main
-    from taskvec.validation.best import candidates, merge_config, recommended
+    from taskvec.validation.best import annotate_cards, candidates, merge_config, recommended
 
     shutil.copytree(tiny_run, tmp_path / "run")
     root, out = tmp_path / "run", tmp_path / "best"
@@ -318,6 +318,17 @@ def test_validate_write_best_writes_the_recommended_merge_with_its_measured_accu
     for t in run.names:
         assert _disk_accuracy(out, run, t, 24) == pytest.approx(cand["per_task"][t]["measured"], abs=1e-12), t
         assert f"| {t} | 24 | " in card and f"{100 * cand['per_task'][t]['measured']:.2f} |" in card
+    # a merge written before validation (the pipeline's merge stage) gets its measured numbers in its card
+    ties = tmp_path / "ties"
+    merge({"run": str(root), "method": "ties", "parameters": {"density": 0.2, "lambda": 1.0}}, ties, show_progress=False)
+    row = next(c for c in candidates(results) if c["name"] == "ties d=0.2")
+    for _ in range(2):  # a second annotation replaces the first
+        assert annotate_cards(results, {"ties d=0.2": ties, "tsv": tmp_path / "absent"}) == ["ties d=0.2"]
+    card = (ties / "README.md").read_text()
+    assert card.count("## Validation") == 1 and "Measured by `taskvec validate`" in card
+    for t in run.names:
+        assert _disk_accuracy(ties, run, t, 24) == pytest.approx(row["per_task"][t]["measured"], abs=1e-12)
+        assert f"{100 * row['per_task'][t]['measured']:.2f} |" in card
     # every candidate written from its config reproduces its measured accuracy (NTK-aware ones included)
     for i, c in enumerate(candidates(results)):
         if c["method"] == "ntk_aware_harmful" or c["tasks"] is not None:

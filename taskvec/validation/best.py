@@ -62,13 +62,16 @@ def merge_config(run_root, cand: dict, results: dict) -> dict:
     return cfg
 
 
-def card_section(cand: dict, results: dict) -> str:
-    """Markdown for the model card: why this merge, and its predicted and measured per-task accuracies."""
+def card_section(cand: dict, results: dict, recommended: bool = True) -> str:
+    """Markdown for the model card: its predicted and measured per-task accuracies (and, for the
+    recommended merge, why it was chosen)."""
     n_eval = results.get("n_eval", {})
-    lines = ["## Validation", "",
-             f"Recommended by `taskvec validate` of `{results.get('run')}`: **{cand['name']}**, the best measured "
-             f"average normalised accuracy ({100 * cand['measured']:.2f}%; predicted {100 * cand['predicted']:.2f}%) "
-             "of the merges it built and measured (evaluation subset of each task's test split).", "",
+    avg = f"({100 * cand['measured']:.2f}%; predicted {100 * cand['predicted']:.2f}%)"
+    why = (f"Recommended by `taskvec validate` of `{results.get('run')}`: **{cand['name']}**, the best measured "
+           f"average normalised accuracy {avg} of the merges it built and measured" if recommended else
+           f"Measured by `taskvec validate` of `{results.get('run')}` as **{cand['name']}**: average normalised "
+           f"accuracy {avg}")
+    lines = ["## Validation", "", why + " (evaluation subset of each task's test split).", "",
              "| task | examples | base acc | predicted acc | measured acc | normalised (measured) | trusted |",
              "|---|---|---|---|---|---|---|"]
     for t, e in cand["per_task"].items():
@@ -80,6 +83,26 @@ def card_section(cand: dict, results: dict) -> str:
               + "; ".join(f"{c['name']} {100 * c['measured']:.2f}% / {100 * c['predicted']:.2f}%" for c in others
                           if c["name"] != cand["name"]) + "."]
     return "\n".join(lines)
+
+
+def annotate_cards(results: dict, dirs: dict) -> list[str]:
+    """Append the "Validation" section (predicted and measured per-task numbers) to the model card
+    ``README.md`` of each merged directory ``dirs[name]`` whose merge validation measured under ``name``
+    (the pipeline's merge stage writes them before the validate stage runs). Each card is rewritten
+    atomically, a previous "Validation" section replaced. Returns the names annotated."""
+    from ..io import atomic_file
+
+    rows = {c["name"]: c for c in candidates(results)}
+    done = []
+    for name, d in dirs.items():
+        card = Path(d) / "README.md"
+        if name not in rows or not card.is_file():
+            continue
+        text = card.read_text().split("\n## Validation\n")[0].rstrip("\n")
+        with atomic_file(card) as tmp:
+            tmp.write_text(text + "\n\n" + card_section(rows[name], results, recommended=False) + "\n")
+        done.append(name)
+    return done
 
 
 def write_best(run, out, results: dict | None = None, overwrite: bool = False, device: str = "cpu"):
@@ -101,4 +124,4 @@ def write_best(run, out, results: dict | None = None, overwrite: bool = False, d
     return res, cand
 
 
-__all__ = ["candidates", "card_section", "merge_config", "recommended", "write_best"]
+__all__ = ["annotate_cards", "candidates", "card_section", "merge_config", "recommended", "write_best"]
