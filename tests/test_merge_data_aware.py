@@ -336,3 +336,22 @@ def test_validate_write_best_writes_the_recommended_merge_with_its_measured_accu
             merge(merge_config(root, c, results), dest, show_progress=False)
             for t in run.names:
                 assert _disk_accuracy(dest, run, t, 24) == pytest.approx(c["per_task"][t]["measured"], abs=1e-12)
+
+
+def test_taskvec_merge_cli_writes_a_regmean_directory_and_refuses_one_without_a_run(tiny_run, tmp_path, capsys):
+    import yaml
+
+    from taskvec.cli import main
+
+    cfg = tmp_path / "regmean.yaml"
+    cfg.write_text(yaml.safe_dump({"run": str(tiny_run), "method": "regmean", "parameters": {"n_examples": 4}}))
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "heads").iterdir()) == ["a", "b", "c"]
+    assert yaml.safe_load((tmp_path / "out" / "merge_config.yaml").read_text())["method"] == "regmean"
+    run = open_run(tiny_run)
+    cfg.write_text(yaml.safe_dump({"method": "fisher", "base_model": run.base_model,
+                                   "models": [str(run.vector_path("a")), str(run.vector_path("b"))]}))
+    capsys.readouterr()
+    assert main(["merge", str(cfg), str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs each task's data" in err and not (tmp_path / "none").exists()

@@ -24,7 +24,7 @@ forward hooks on the layers (:func:`taskvec.ntk.engines._linear_layers` decides 
 Layout: pure functions over tensors (:func:`fisher_delta`, :func:`regmean_delta`), the statistics of one
 model on one batch list (:func:`fisher_statistics`, :func:`gram_statistics`), their orchestration over a
 run's tasks (:func:`run_statistics`), and the two callers: the engine's tensor stream for ``taskvec merge``
-(:func:`merged_tensors`) and the in-memory merge used by validation (:func:`merge_run_vectors`).
+(:func:`tensor_stream`, the hook) and the in-memory merge used by validation (:func:`merge_run_vectors`).
 """
 
 from __future__ import annotations
@@ -355,12 +355,24 @@ def plan_statistics(p, device: str = "cpu") -> tuple[TaskStatistics, dict[str, s
     return stats, {b: to_key[b] for b in covered if b in to_key}
 
 
-def merged_tensors(p, device: str = "cpu", dtype: torch.dtype | None = None, progress=None):
-    """The engine's tensor stream for a data-aware method: ``(name, tensor)`` for every base tensor in order,
-    merged where some input changes it, else copied (as :func:`taskvec.merge.engine.merged_tensors`)."""
+def tensor_stream(p, device: str = "cpu"):
+    """The engine's hook for a data-aware method: computes the statistics now (before any output exists; every
+    error is raised here) and returns the tensor stream, a function like
+    :func:`taskvec.merge.engine.merged_tensors` ``(plan, device, dtype, progress)``."""
+    stats, to_key = plan_statistics(p, device)
+
+    def stream(plan, device: str = "cpu", dtype: torch.dtype | None = None, progress=None):
+        return merged_tensors(plan, stats, to_key, device, dtype, progress)
+
+    return stream
+
+
+def merged_tensors(p, stats: TaskStatistics, to_key: dict, device: str = "cpu", dtype: torch.dtype | None = None,
+                   progress=None):
+    """``(name, tensor)`` for every base tensor of the plan in order: merged with ``stats`` where ``to_key``
+    names its statistics (tensors some input changes), else copied (as the engine's ``merged_tensors``)."""
     from .params import expand, layer_position
 
-    stats, to_key = plan_statistics(p, device)
     cfg, method = p.cfg, p.cfg.method_def
     model_params = [cfg.model_params(i) for i in range(len(cfg.models))]
     global_params = cfg.global_params()
@@ -451,4 +463,4 @@ register(Method("regmean", _needs_statistics,
 
 __all__ = ["DATA_AWARE", "NTK_AWARE", "TaskStatistics", "fisher_delta", "fisher_statistics", "gram_statistics", "is_data_aware",
            "mean_delta", "merge_run_vectors", "merge_tensor", "merged_tensors", "ntk_statistics", "plan_statistics", "regmean_delta",
-           "run_statistics", "scale_off_diagonal"]
+           "run_statistics", "scale_off_diagonal", "tensor_stream"]

@@ -524,6 +524,9 @@ def merge(config, out, overwrite: bool = False, device: str = "cpu", dtype: str 
     out_dtype = _torch_dtype(cfg.dtype)
     if device != "cpu" and not torch.cuda.is_available() and str(device).startswith("cuda"):
         raise MergeError(f"device {device!r} requested but CUDA is not available")
+    stream = merged_tensors  # data-aware methods: per-task statistics of the run, before anything is written
+    if data_aware.is_data_aware(cfg.method):
+        stream = data_aware.tensor_stream(p, device)
     from tqdm.auto import tqdm
 
     n_merged = n_copied = 0
@@ -545,9 +548,6 @@ def merge(config, out, overwrite: bool = False, device: str = "cpu", dtype: str 
                 specs.append((name, shape, dt))
             writer = ShardWriter(tmp, specs, cfg.shard_size)
             try:
-                stream = merged_tensors  # data-aware methods first compute per-task statistics of the run
-                if data_aware.is_data_aware(cfg.method):
-                    stream = data_aware.merged_tensors
                 for name, tensor in stream(p, device, out_dtype, progress=bar):
                     writer.write(name, tensor)
             except BaseException:
