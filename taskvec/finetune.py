@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from .errors import DataError, TaskvecError
 from .io import atomic_dir, check_output, check_value, run_lock, write_json
+from .lm_objective import check_objective, lm_batches, resolve_objective, token_loss
 from .modeling import check_model, is_decoder, load_tokenizer, resolve_model
 from .stopping import StopDecision, TrainContext, make_rule
 from .tasks import Batches, Splits, Task, load_task, make_splits, save_task
@@ -83,6 +84,9 @@ class FinetuneConfig:
     scope: str = _opt("qkv", help="trained parameters: full | attention | qkv | q | v | qv | ... | lora | re:<regex>")
     head: str = _opt("auto", help="task head (auto: probe for encoders, label_words for decoders)",
                      choices=("auto", "probe", "label_words", "random"))
+    objective: str = _opt("auto", help="classify (a class head), lm (LM loss of the texts) or choice (LM loss of "
+                                       "the true label word after the prompt); auto: the task's own",
+                          choices=("auto", "classify", "lm", "choice"))
     train_head: bool = _opt(False, help="also train the task head (frozen otherwise)")
     optimizer: str = _opt("adamw", help="optimiser", choices=("adamw", "sgd"))
     lr: float = _opt(2e-4, help="learning rate (per optimiser step)")
@@ -139,6 +143,7 @@ class FinetuneConfig:
             raise ConfigError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.loss not in ("ce", "mse"):
             raise ConfigError(f"loss must be 'ce' or 'mse', got {self.loss!r}")
+        check_objective(self.objective, self.early_stopping)
         if self.head not in ("auto", "probe", "label_words", "random"):
             raise ConfigError(f"head must be auto, probe, label_words or random, got {self.head!r}")
         if self.schedule not in ("constant", "linear"):
@@ -183,7 +188,10 @@ class FinetuneConfig:
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, kind: str = "ce") -> torch.Tensor:
-    """Mean loss over the batch: cross-entropy, or squared error ½‖f − onehot(y)‖² (``mse``)."""
+    """Mean loss over the batch: cross-entropy, or squared error ½‖f − onehot(y)‖² (``mse``); LM task models
+    (labels ``(B, L)``): the mean next-token NLL of the scored tokens (:func:`taskvec.lm_objective.token_loss`)."""
+    if labels.dim() == 2:
+        return token_loss(logits, labels)
     if kind == "ce":
         return F.cross_entropy(logits.float(), labels)
     onehot = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
@@ -217,6 +225,10 @@ def _task_data(base, task: Task, config: FinetuneConfig, splits: Splits | None) 
         "rate": config.label_noise, "seed": config.seed, "flipped_train": sum(i in fset for i in splits.train),
         "flipped_val": sum(i in fset for i in splits.val), "flipped": flipped}
     tok = load_tokenizer(base)
+    objective = resolve_objective(config.objective, task, config.early_stopping)
+    if objective != "classify":  # LM objectives: (context, continuation) token pairs (taskvec.lm_objective)
+        train, val, test = lm_batches(base, tok, task, noisy, splits, config, objective)
+        return _TaskData(noisy, tok, splits, train, train, val, test, noise)
     prompt = None
     if config.head in ("auto", "label_words"):  # decoders read the task through its prompt
         from transformers import AutoConfig

@@ -220,10 +220,13 @@ def corpus_loss(nll: torch.Tensor, n_tokens: torch.Tensor) -> tuple[float, float
 
 def lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Next-token logits ``(N, L, V)`` of a causal LM: a ``*ForCausalLM`` (``.logits``) or a base decoder
-    (``LlamaModel`` as :func:`taskvec.modeling.load_backbone` loads it) whose tied input embedding is its
-    LM head. A base model without tied embeddings has no LM head here and is refused."""
+    """Next-token logits ``(N, L, V)`` of a causal LM: a ``*ForCausalLM`` (``.logits``), a taskvec LM task
+    model (:func:`taskvec.lm_objective.make_lm_model`; it computes positions itself, so use right padding), or
+    a base decoder (``LlamaModel`` as :func:`taskvec.modeling.load_backbone` loads it) whose tied input
+    embedding is its LM head. A base model without tied embeddings has no LM head here and is refused."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    if isinstance(out, torch.Tensor) and out.dim() == 3:  # a taskvec LM task model (HeadSpec kind "lm")
+        return out
     logits = getattr(out, "logits", None)
     if logits is not None:
         return logits

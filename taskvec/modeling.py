@@ -395,7 +395,9 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.
     if how == "last":
         idx = attention_mask.long().sum(1) - 1
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
-    raise ValueError(f"unknown pooling {how!r}; valid: mean, cls, last")
+    if how == "none":  # every position (LM heads, taskvec.lm_objective)
+        return hidden
+    raise ValueError(f"unknown pooling {how!r}; valid: mean, cls, last, none")
 
 
 class TaskModel(nn.Module):
@@ -477,7 +479,12 @@ def make_head(spec: HeadSpec, backbone: nn.Module) -> nn.Module:
         return LabelWordHead(spec.token_ids, w, tied=spec.tied)
     if spec.kind == "mlp":
         return MLPHead(spec.dims, spec.activations, spec.bias)
-    raise ModelError(f"unknown head kind {spec.kind!r}; valid: linear, label_words, mlp")
+    if spec.kind == "lm":  # next-token logits at every position (taskvec.lm_objective)
+        from .lm_objective import LMHead
+
+        w = None if spec.tied else torch.zeros(backbone.get_input_embeddings().weight.shape)
+        return LMHead(w, tied=spec.tied)
+    raise ModelError(f"unknown head kind {spec.kind!r}; valid: linear, label_words, mlp, lm")
 
 
 # --- features and the linear probe ----------------------------------------------------------------

@@ -47,6 +47,9 @@ class Task:
         texts_b: optional second texts (pairs), or ``None``.
         label_words: one word per class for decoder label-word heads (defaults to ``label_names``).
         prompt: template with ``{text}`` (and ``{text_b}``) used for decoder label-word heads.
+        objective: how fine-tuning uses the task by default (``FinetuneConfig.objective="auto"``):
+            ``classify`` (a class head), ``lm`` (LM loss of the texts) or ``choice`` (LM loss of the true label
+            word after the prompt; multiple choice over the label words) — :mod:`taskvec.lm_objective`.
     """
 
     name: str
@@ -56,6 +59,7 @@ class Task:
     texts_b: list[str] | None = None
     label_words: list[str] | None = None
     prompt: str = "{text}\nAnswer:"
+    objective: str = "classify"
     #: the file the task was read from (:func:`load_task_file`), named by errors about it; not saved
     source: str | None = field(default=None, compare=False, repr=False)
 
@@ -227,6 +231,13 @@ def _bbc_news() -> Task:
                   prompt="Article: {text}\nTopic:")
 
 
+def _as(make, name: str, objective: str):
+    """A bundled task under another name and objective (its data, labels, prompt and label words kept)."""
+    import dataclasses
+
+    return lambda: dataclasses.replace(make(), name=name, objective=objective)
+
+
 BUNDLED = {
     "rotten_tomatoes": _rotten_tomatoes,
     "trec": _trec,
@@ -234,6 +245,13 @@ BUNDLED = {
     "tweet_sentiment": _tweet_sentiment,
     "bbc_news": _bbc_news,
     "subjectivity": _subjectivity,
+    # causal-LM tasks (taskvec.lm_objective): text domains scored by LM loss, classification as multiple choice
+    "sms_lm": _as(_sms_spam, "sms_lm", "lm"),
+    "tweets_lm": _as(_tweet_sentiment, "tweets_lm", "lm"),
+    "reviews_lm": _as(_rotten_tomatoes, "reviews_lm", "lm"),
+    "news_lm": _as(_bbc_news, "news_lm", "lm"),
+    "sentiment_choice": _as(_rotten_tomatoes, "sentiment_choice", "choice"),
+    "trec_choice": _as(_trec, "trec_choice", "choice"),
 }
 
 
@@ -339,14 +357,14 @@ def save_task(task: Task, path) -> None:
 
     write_json(path, {"name": task.name, "texts": task.texts, "labels": task.labels,
                       "label_names": task.label_names, "texts_b": task.texts_b,
-                      "label_words": task.label_words, "prompt": task.prompt})
+                      "label_words": task.label_words, "prompt": task.prompt, "objective": task.objective})
 
 
 def load_saved_task(path) -> Task:
     """Read a task written by :func:`save_task`."""
     d = json.loads(Path(path).read_text())
     return Task(d["name"], d["texts"], d["labels"], d["label_names"], d.get("texts_b"), d.get("label_words"),
-                d.get("prompt", "{text}\nAnswer:"))
+                d.get("prompt", "{text}\nAnswer:"), d.get("objective", "classify"))
 
 
 # --- splits ----------------------------------------------------------------------------------------

@@ -57,6 +57,14 @@ def build_task_model(base, task: Task, tokenizer, train_batches: Batches | None,
     attn = "eager" if "spectral" in config.early_stopping else config.attn_implementation
     backbone = load_backbone(base, attn_implementation=attn)
     dec = is_decoder(backbone.config)
+    from .lm_objective import make_lm_model, resolve_objective
+
+    objective = resolve_objective(config.objective, task)
+    if objective != "classify":  # the LM's own head over every position (taskvec.lm_objective)
+        if not dec:
+            raise TaskvecError(f"task {task.name!r}: objective {objective!r} needs a decoder LM (an encoder has no "
+                               "LM head); use objective='classify'")
+        return make_lm_model(backbone, task, base)
     kind = config.head
     if kind == "auto":
         kind = "label_words" if dec else "probe"
@@ -143,7 +151,9 @@ def make_optimizer(model, config: FinetuneConfig, no_decay: set[str]):
 def evaluate(model: TaskModel, batches, loss: str = "ce", accelerator=None, device=None) -> dict:
     """Accuracy and mean loss of ``model`` over tokenised batches (eval mode; restores the mode after).
 
-    Returns ``{"accuracy", "loss", "n"}``. With an ``accelerator`` the batches are the process's shard and
+    Returns ``{"accuracy", "loss", "n"}``. For an LM task model (``(B, L, V)`` logits, ``(B, L)`` labels) the
+    figures are per scored token: ``loss`` = Σ NLL / Σ tokens (nats), ``accuracy`` = share of next tokens
+    predicted top-1, ``n`` = tokens. With an ``accelerator`` the batches are the process's shard and
     results are gathered.
     """
     correct, total, loss_sum = 0.0, 0, 0.0
@@ -153,9 +163,15 @@ def evaluate(model: TaskModel, batches, loss: str = "ce", accelerator=None, devi
                 b = {k: v.to(device) for k, v in b.items()}
             logits = model(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
             y = b["labels"]
-            pred = logits.argmax(-1)
-            per = (F.cross_entropy(logits.float(), y, reduction="none") if loss == "ce"
-                   else 0.5 * ((logits - F.one_hot(y, logits.shape[-1]).to(logits.dtype)) ** 2).sum(-1))
+            if logits.dim() == 3:  # LM objectives: per scored token (taskvec.lm_objective), Σ NLL / Σ tokens
+                from .lm_objective import token_terms
+
+                per, hit, y = token_terms(logits, y)
+                pred = hit.float()  # compared with y = ones below: correct top-1 next tokens
+            else:
+                pred = logits.argmax(-1)
+                per = (F.cross_entropy(logits.float(), y, reduction="none") if loss == "ce"
+                       else 0.5 * ((logits - F.one_hot(y, logits.shape[-1]).to(logits.dtype)) ** 2).sum(-1))
             if accelerator is not None:
                 pred, y, per = accelerator.gather_for_metrics((pred, y, per))
             correct += float((pred == y).sum())
