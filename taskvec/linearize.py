@@ -80,7 +80,8 @@ def _call(model, names, batch, output: str = "logits", keep_dtype: bool = False)
     """``f(*params) -> (B, o)`` outputs of ``model`` on ``batch`` as a function of the parameters ``names``.
 
     Task models and plain classifiers (``.logits``) alike, through :class:`taskvec.modelfn.ModelFn`; ``output``
-    as :func:`taskvec.modelfn.reduce_outputs` (``logits`` | ``margin`` | ``loss``); float32 unless ``keep_dtype``.
+    as :func:`taskvec.modelfn.reduce_outputs` (``logits`` | ``margin`` | ``loss`` | ``loglik``); float32 unless
+    ``keep_dtype``.
     """
     wrapped = wrap_model(model)
     keys = ["m." + n for n in names]
@@ -162,11 +163,12 @@ def _stack(directions: list[dict], keys: list[str], primals) -> list[torch.Tenso
             for k, p in zip(keys, primals)]
 
 
-def _jvp_vmapped(model: nn.Module, names, primals, keys, batch: dict, directions: list[dict]):
+def _jvp_vmapped(model: nn.Module, names, primals, keys, batch: dict, directions: list[dict],
+                 output: str = "logits"):
     """``(f0 (B, o), J·Δ (k, B, o))`` for ``k`` directions on one batch: one vmapped JVP."""
     from torch.func import vmap
 
-    f = _call(model, names, batch)
+    f = _call(model, names, batch, output)
 
     def one(*tangents):
         return jvp(f, primals, tangents)
@@ -229,26 +231,26 @@ def parse_budget(max_memory) -> int | float:
     return b
 
 
-def _probe(model, names, primals, keys, batch, directions) -> tuple[int, int]:
+def _probe(model, names, primals, keys, batch, directions, output: str = "logits") -> tuple[int, int]:
     """Measured peak bytes ``(one example · one direction, one example · two directions)`` (the second is
     ``None`` for a single direction), cached per model, padded length and tensor set."""
     from .tensor_memory import LiveTensorBytes
 
-    ck = (tuple(batch["input_ids"].shape[1:]), tuple(keys), len(directions) > 1, str(primals[0].device))
+    ck = (tuple(batch["input_ids"].shape[1:]), tuple(keys), len(directions) > 1, str(primals[0].device), output)
     cache = _PROBES.setdefault(model, {})
     if ck not in cache:
         one = _rows(batch, 0, 1)
         peaks = []
         for k in ((1, 2) if len(directions) > 1 else (1,)):
             with LiveTensorBytes() as m:
-                _jvp_vmapped(model, names, primals, keys, one, directions[:k])
+                _jvp_vmapped(model, names, primals, keys, one, directions[:k], output)
             peaks.append(m.peak)
         cache[ck] = (peaks[0], peaks[1] if len(peaks) > 1 else None)
     return cache[ck]
 
 
 def jvp_plan(model: nn.Module, batch: dict, directions: list[dict[str, torch.Tensor]],
-             max_memory=None) -> JVPPlan:
+             max_memory=None, output: str = "logits") -> JVPPlan:
     """The chunking :func:`jvp_many` uses for ``batch`` and ``directions`` under ``max_memory``.
 
     One example along one and two directions is run under :class:`~taskvec.tensor_memory.LiveTensorBytes`
@@ -270,7 +272,7 @@ def jvp_plan(model: nn.Module, batch: dict, directions: list[dict[str, torch.Ten
         return JVPPlan(n, D, 0, 0, 0, 0, 0)
     tangent = sum(p.numel() * p.element_size() for p in primals)
     with eval_mode(model):
-        p1, p2 = _probe(model, names, primals, keys, batch, directions)
+        p1, p2 = _probe(model, names, primals, keys, batch, directions, output)
     per_dir = max(p2 - p1 - tangent, 0) if p2 is not None else max(p1 - tangent, 0)
     per_ex = max(p1 - tangent - per_dir, 0)
     per_dir, per_ex = int(PLAN_MARGIN * per_dir), int(PLAN_MARGIN * per_ex)
@@ -299,7 +301,7 @@ def _union(directions: list[dict]) -> dict:
 
 
 def jvp_many(model: nn.Module, batch: dict, directions: list[dict[str, torch.Tensor]], max_memory=None,
-             plan: JVPPlan | None = None):
+             plan: JVPPlan | None = None, output: str = "logits"):
     """``(f0, [J·Δ_d for each d])`` on one batch, the directions vmapped together within a memory budget.
 
     The primal forward pass is shared by the directions of a chunk (``torch.func.vmap`` over the tangents
@@ -310,20 +312,22 @@ def jvp_many(model: nn.Module, batch: dict, directions: list[dict[str, torch.Ten
     Memory: the batch is split into chunks of examples and directions (:func:`jvp_plan`, or the ``plan``
     given) whose estimated peak fits ``max_memory`` (bytes or ``"4GB"``; default :func:`default_jvp_budget`);
     the results equal the unchunked ones up to float round-off. ``max_memory=float("inf")`` runs everything
-    in one chunk (no probe).
+    in one chunk (no probe). ``output`` as :func:`jvp_batch` (``loglik``: an LM task model's per-example
+    log-likelihood in nats, o = 1).
     """
     union = _union(directions)
     names, primals, _ = _primals_and_tangents(model, union)
     keys = list(union)
     n, D = batch["input_ids"].shape[0], len(directions)
     with eval_mode(model):
-        plan = plan if plan is not None else jvp_plan(model, batch, directions, max_memory)
+        plan = plan if plan is not None else jvp_plan(model, batch, directions, max_memory, output)
         f0s, outs = [], [[] for _ in range(D)]
         for e0 in range(0, n, plan.examples):
             sub = _rows(batch, e0, e0 + plan.examples)
             for d0 in range(0, D, plan.directions):
                 try:
-                    f0, jd = _jvp_vmapped(model, names, primals, keys, sub, directions[d0:d0 + plan.directions])
+                    f0, jd = _jvp_vmapped(model, names, primals, keys, sub, directions[d0:d0 + plan.directions],
+                                          output)
                 except (MemoryError, RuntimeError) as e:
                     if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
                         raise

@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import TaskvecError
 
-OUTPUTS = ("logits", "margin", "loss")
+OUTPUTS = ("logits", "margin", "loss", "loglik")
 
 
 class NTKError(TaskvecError, ValueError):
@@ -94,8 +94,8 @@ def as_batch(inputs, device=None) -> dict[str, torch.Tensor]:
     for p in parts:
         for k in keys:
             v = torch.as_tensor(p[k])
-            if k != "labels" and v.shape[1] < L:
-                v = torch.nn.functional.pad(v, (0, L - v.shape[1]), value=0)
+            if (k != "labels" or v.dim() == 2) and v.shape[1] < L:  # per-token LM labels pad with -100
+                v = torch.nn.functional.pad(v, (0, L - v.shape[1]), value=-100 if k == "labels" else 0)
             out.setdefault(k, []).append(v)
     batch = {k: torch.cat(v) for k, v in out.items()}
     if device is not None:
@@ -110,8 +110,8 @@ def _slice(batch: dict, idx) -> dict:
     if m.ndim == 2 and m.shape[1] > 0:
         used = m.bool().any(0).nonzero()
         last = int(used.max()) + 1 if used.numel() else 1
-        for k in ("input_ids", "attention_mask", "token_type_ids"):
-            if k in sub:
+        for k in ("input_ids", "attention_mask", "token_type_ids", "labels"):
+            if k in sub and (k != "labels" or sub[k].dim() == 2):  # per-token LM labels are trimmed too
                 sub[k] = sub[k][:, :last]
     return sub
 
@@ -146,12 +146,25 @@ def reduce_outputs(logits: torch.Tensor, labels: torch.Tensor | None, output: st
     """Model outputs per example, ``(B, o)``, from class logits ``(B, C)``.
 
     ``logits``: the logits (o = C); ``margin``: ``f_y − max_{c≠y} f_c`` (o = 1); ``loss``: the
-    cross-entropy ``−log softmax(f)_y`` (o = 1).
+    cross-entropy ``−log softmax(f)_y`` (o = 1); ``loglik`` (LM task models, :mod:`taskvec.lm_objective`:
+    next-token logits ``(B, L, V)`` and labels ``(B, L)`` with -100 off the continuation): the example's
+    summed log-likelihood ``Σ_t log p(y_t | y_<t)`` over its scored tokens, in nats (o = 1).
     """
     if output == "logits":
+        if logits.dim() == 3:
+            raise NTKError("an LM task model's outputs are per token: use output='loglik' (the example's "
+                           "log-likelihood)")
         return logits
     if labels is None:
         raise NTKError(f"output={output!r} needs 'labels' in the inputs")
+    if output == "loglik" or logits.dim() == 3:
+        if logits.dim() != 3 or labels.dim() != 2:
+            raise NTKError(f"output={output!r}: 'loglik' is the output of LM task models ((B, L, V) logits, "
+                           f"(B, L) labels); {'use loglik' if logits.dim() == 3 else 'use logits, margin or loss'}")
+        keep = labels != -100
+        lf = logits if logits.dtype == torch.float64 else logits.float()  # at least float32
+        lp = torch.log_softmax(lf, -1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        return (lp * keep).sum(-1, keepdim=True)
     y = labels.long().reshape(-1, 1)
     if output == "margin":
         if logits.shape[-1] < 2:
