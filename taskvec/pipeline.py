@@ -269,8 +269,12 @@ def _run_stage(stage: str, cfg: dict, out: Path, tasks: list, redo: bool):
     if stage == "merge":
         return _merge_stage(cfg, out, redo)
     if stage == "validate":
+        from .lm_validate import is_lm_run, pipeline_stage
         from .runs import stage_path
         from .validation import validate_run
+
+        if is_lm_run(out):  # causal-LM tasks: predictions and measurements in nats (taskvec.lm_validate)
+            return pipeline_stage(out, dict(cfg.get("validate") or {}), merge_specs(cfg))
 
         res = validate_run(out, merges=merge_specs(cfg) or None, overwrite=True, **dict(cfg.get("validate") or {}))
         from .validation.best import annotate_cards  # the merge stage's model cards get the measured numbers
