@@ -51,6 +51,7 @@ from .training import (  # build_task_model, evaluate and flip_labels are part o
     load_trainable,
     make_accelerator,
     make_optimizer,
+    restore_random,
     save_checkpoint,
     set_seed,
     set_trainable,
@@ -280,6 +281,8 @@ class _Progress:
     best_metric: float | None = None
     best_state: dict | None = None
     stop: StopDecision | None = None
+    #: on a resume: sets the random generators as they were at the checkpoint (called by :func:`_train`)
+    restore_random: object = None
 
     def checkpoint_state(self) -> dict:
         return {"step": self.step, "best_step": self.best_step, "best_metric": self.best_metric,
@@ -312,7 +315,25 @@ def _start(name: str, ckpt: Path, unwrapped, opt, sched, rules, ctx: TrainContex
     if p.best_state is None:
         p.best_state = trainable_state(unwrapped)
         p.best_metric = None if base_val is None else base_val["accuracy" if "acc" in config.metric else "loss"]
+    if resumed is not None:  # dropout draws on from where the checkpoint was taken (see _train)
+        st = resumed[0]
+        p.restore_random = lambda: restore_random(ckpt, st)
     return p
+
+
+def _batches(loader, restore):
+    """The batches of ``loader``; ``restore`` (if any) is called once the first batch is drawn, i.e. after
+    the loader drew its own seed from torch's generator, as the epoch's loader of an uninterrupted run did
+    before the checkpoint was taken."""
+    it = iter(loader)
+    try:
+        first = next(it)
+    except StopIteration:
+        return
+    if restore is not None:
+        restore()
+    yield first
+    yield from it
 
 
 # --- one task: the loop -----------------------------------------------------------------------------------
@@ -343,14 +364,21 @@ def _train(model, unwrapped, acc, opt, sched, rules, data: _TaskData, config: Fi
     """Train from ``p.step`` until ``max_steps`` or a stop (``p.stop``); checkpoint at every evaluation."""
     steps_per_epoch = len(data.train)
     model.train()
-    running, running_n, last_good = 0.0, 0, dict(p.best_state)
+    running, running_n, last_good = 0.0, 0, trainable_state(unwrapped)  # the weights at p.step (also resumed)
+    restore, p.restore_random = p.restore_random, None
     while p.step < config.max_steps and p.stop is None:
         epoch, offset = divmod(p.step, steps_per_epoch)
         order = data.train.order(epoch)
         chunks = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
         dl = acc.prepare_data_loader(torch.utils.data.DataLoader(chunks[offset:], batch_size=None,
                                                                   collate_fn=data.train.batch))
-        for batch in dl:
+        # resumed at an epoch's start: its loader draws its seed as it would have; mid-epoch: the loader of
+        # this epoch drew it before the checkpoint, so the generators are set once this one has drawn
+        if restore is not None and offset == 0:
+            restore()
+            restore = None
+        for batch in _batches(dl, restore):
+            restore = None
             logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
             loss = loss_fn(logits, batch["labels"], config.loss)
             if not torch.isfinite(loss):
@@ -450,8 +478,10 @@ def finetune_task(base, task: Task, out_dir, config: FinetuneConfig | None = Non
     eval_at = set(config.eval_steps) | {int(k) for r in rules for k in getattr(r, "eval_steps", list)() if k >= 1}
     bar = tqdm(total=config.max_steps, initial=p.step, desc=f"finetune {task.name}", disable=not progress
                or not acc.is_local_main_process, dynamic_ncols=True)
-    _train(model, unwrapped, acc, opt, sched, rules, data, config, p, eval_at, ckpt, bar, device)
-    bar.close()
+    try:
+        _train(model, unwrapped, acc, opt, sched, rules, data, config, p, eval_at, ckpt, bar, device)
+    finally:  # also on Ctrl-C: the bar's line ends before the CLI says it was interrupted
+        bar.close()
     stop = p.stop if p.stop is not None else StopDecision(f"max_steps ({config.max_steps}) reached", p.step)
 
     # keep the best validation checkpoint (or the rule's chosen step if it names one we have)

@@ -40,10 +40,12 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
     """
     dest = check_output(path, overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    remove_stale_temporaries(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        _test_hold(dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -61,16 +63,118 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = True):
     """Yield a temporary file path in the same folder; renamed onto ``path`` on success."""
     dest = check_output(path, overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    remove_stale_temporaries(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield Path(tmp)
+        _test_hold(dest)
         os.replace(tmp, dest)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(dest: Path) -> list[Path]:
+    """Remove what a killed writer of ``dest`` left beside it: its temporary ``.<name>.tmp-<pid>-*`` and the
+    superseded ``.<name>.old-<pid>`` of an interrupted replacement, when process ``pid`` is gone (a live
+    writer's are left alone). Called by :func:`atomic_dir` and :func:`atomic_file` before they write, so a
+    command killed with SIGKILL leaves nothing behind once the same output is written again. Returns what
+    was removed."""
+    import re
+
+    removed = []
+    try:
+        siblings = list(dest.parent.iterdir())
+    except OSError:
+        return removed
+    pattern = re.compile(rf"\.{re.escape(dest.name)}\.(?:tmp-(\d+)-.+|old-(\d+))")
+    for p in siblings:
+        m = pattern.fullmatch(p.name)
+        if m is None or _alive(int(m.group(1) or m.group(2))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            try:
+                p.unlink()
+            except OSError:
+                continue
+        removed.append(p)
+    if removed:
+        log.info("removed %s, left by an interrupted taskvec process", ", ".join(map(str, removed)))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+#: test-only hook (see :func:`_test_hold`): how many matching atomic writes this process has reached
+_hold_seen: dict[str, int] = {}
+
+
+def _test_hold(dest: Path) -> None:
+    """A test-only hook, off unless ``TASKVEC_TEST_HOLD`` is set (tests/test_interrupt.py uses it).
+
+    ``TASKVEC_TEST_HOLD=GLOB`` or ``GLOB#N``: the N-th (default first) atomic write of this process whose
+    destination path matches ``GLOB`` (:func:`fnmatch.fnmatch`) stops once its content is written and
+    before it is renamed into place: it writes the destination into the file ``TASKVEC_TEST_HOLD_READY``
+    and sleeps until it is signalled (at most 300 s, then exits with code 3). A test then interrupts the
+    command at that exact point.
+    """
+    spec = os.environ.get("TASKVEC_TEST_HOLD")
+    if not spec:
+        return
+    import fnmatch
+
+    pattern, _, nth = spec.rpartition("#") if "#" in spec else (spec, "", "1")
+    if not fnmatch.fnmatch(str(dest), pattern):
+        return
+    _hold_seen[spec] = _hold_seen.get(spec, 0) + 1
+    if _hold_seen[spec] != int(nth):
+        return
+    ready = Path(os.environ["TASKVEC_TEST_HOLD_READY"])
+    part = ready.with_name(ready.name + ".part")
+    part.write_text(str(dest))
+    os.replace(part, ready)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    os._exit(3)
+
+
+def sort_safetensors_metadata(path: str | os.PathLike) -> None:
+    """Rewrite, in place, the header of the safetensors file ``path`` with its ``__metadata__`` keys sorted.
+
+    safetensors writes the metadata in a random order (a hash map), so two writes of the same tensors and
+    metadata differ in bytes; sorted, they are bit-identical (a rerun of an interrupted run can be checked
+    against an uninterrupted one). The header keeps its length, so no tensor moves; a header that would
+    not (it never happens with safetensors' compact JSON) is left as written."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict) or len(meta) < 2:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(new) > n or raw.rstrip(b" ") != json.dumps(json.loads(raw), separators=(",", ":"),
+                                                           ensure_ascii=False).encode():
+            return  # not the compact form this expects: leave it
+        f.seek(8)
+        f.write(new + b" " * (n - len(new)))
 
 
 def _umask() -> int:

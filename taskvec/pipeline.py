@@ -349,12 +349,18 @@ def _run_locked(cfg: dict, out: Path, tasks: list, todo: list, overwrite: bool, 
         if stage not in todo:
             continue
         stale = state.get(stage) != key
+        # a run interrupted in this stage with the same inputs: keep what it finished (fine-tuned tasks and
+        # their resumable checkpoints, task vectors, merges) instead of recomputing it
+        resumed = state.get(stage) == f"started {key}"
         if not (overwrite or stale) and stage in results and stage in ("ntk", "validate", "report"):
             log.info("== stage %s: inputs unchanged, reusing %s", stage, out)
             continue
         t0 = time.time()
-        log.info("== stage %s%s", stage, " (inputs changed: recomputing)" if stale and stage in state else "")
-        results[stage] = _run_stage(stage, cfg, out, tasks, redo=overwrite or stale)
+        log.info("== stage %s%s", stage, " (resuming an interrupted run)" if resumed and not overwrite else
+                 " (inputs changed: recomputing)" if stale and stage in state else "")
+        state[stage] = f"started {key}"  # until it finishes: what it leaves is reused only with these inputs
+        write_json(state_path, state)
+        results[stage] = _run_stage(stage, cfg, out, tasks, redo=overwrite or (stale and not resumed))
         state[stage] = key
         write_json(state_path, state)
         results.setdefault("wall_time_s", {})[stage] = time.time() - t0

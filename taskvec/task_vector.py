@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import BaseMismatchError, ShapeMismatchError, TaskvecError
-from .io import atomic_file
+from .io import atomic_file, sort_safetensors_metadata
 from .modeling import fingerprint
 from .scopes import resolve_scope
 
@@ -71,8 +71,10 @@ def _read_dir_state(path: Path) -> tuple[dict[str, torch.Tensor], object]:
     elif (path / "model.safetensors").exists():
         state = load_file(str(path / "model.safetensors"))
     elif any(path.glob("*.bin")) or any(path.glob("*.pt")):
-        raise TaskvecError(f"{path} holds only pickle checkpoints (.bin/.pt); taskvec reads safetensors. "
-                           "Convert it with transformers' save_pretrained(safe_serialization=True).")
+        from .modeling import check_weights, load_pickle_state
+
+        check_weights(path)  # refused with how to convert, unless pickle is allowed (--allow-pickle)
+        state = load_pickle_state(path)
     else:
         raise TaskvecError(f"{path} has no model.safetensors")
     return state, AutoConfig.from_pretrained(path)
@@ -252,6 +254,7 @@ class TaskVector:
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.deltas.items()}
         with atomic_file(path, overwrite) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
+            sort_safetensors_metadata(tmp)  # the same vector is the same bytes
         if self.heads:
             hp = path.with_name(path.name.removesuffix(".safetensors") + ".head.safetensors")
             with atomic_file(hp, overwrite) as tmp:

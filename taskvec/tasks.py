@@ -22,6 +22,7 @@ from __future__ import annotations
 import bz2
 import csv
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -413,6 +414,13 @@ def make_splits(task: Task, seed: int = 0, test_size: float = 1000, val_size: fl
         return max(1, min(k, int(frac * n)))
 
     n_test, n_val = size(test_size, max_test_fraction), size(val_size, max_val_fraction)
+    k = int((counts > 0).sum())
+    for what, m, setting, frac in (("test", n_test, "test_size", max_test_fraction),
+                                   ("validation", n_val, "val_size", max_val_fraction)):
+        if m < k:  # a stratified split needs one example of each class (else sklearn's message leaks)
+            raise DataError(f"task {task.name!r}: a {what} split of {m} example{'s' if m != 1 else ''} cannot hold each of its {k} "
+                            f"classes; {setting} must be at least {k} (and the task at least {k} / {frac:g} "
+                            f"= {math.ceil(k / frac)} examples)")
     idx = np.arange(n)
     strat = y if counts[counts > 0].min() >= 2 else None
     rest, test = train_test_split(idx, test_size=n_test, random_state=seed, stratify=strat)

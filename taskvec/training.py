@@ -9,8 +9,8 @@
 * :func:`set_seed`, and snapshots of the trainable tensors (:func:`trainable_state`, :func:`load_trainable`);
 * the resumable checkpoint ``RUN/finetune/.<task>.ckpt/`` (:func:`save_checkpoint`, :func:`load_checkpoint`):
   ``trainable.safetensors`` (current trainable tensors), ``best.safetensors`` (the best validation
-  checkpoint so far), ``optimizer.pt``, and ``state.json`` = ``{step, best_step, best_metric, curve,
-  scheduler, rules}``.
+  checkpoint so far), ``optimizer.pt``, ``rng.safetensors`` (torch's generators), and ``state.json`` =
+  ``{step, best_step, best_metric, curve, scheduler, rules, random}``; replaced atomically as a whole.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import TaskvecError
-from .io import write_json
+from .io import atomic_dir, write_json
 from .modelfn import eval_mode
 from .modeling import (
     HeadSpec,
@@ -286,17 +286,30 @@ def load_trainable(model, state: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(ckpt: Path, model, best_state: dict, opt, sched, rules, state: dict) -> None:
-    """Write the checkpoint directory ``ckpt``: trainable and best tensors, optimiser, and ``state.json`` =
-    ``state`` (``step``, ``best_step``, ``best_metric``, ``curve``) plus the scheduler's and rules' states."""
+    """Write the checkpoint directory ``ckpt``: trainable and best tensors, optimiser, the random generators'
+    states (``rng.safetensors``: torch's CPU and CUDA generators; Python's and numpy's in ``state.json``, so
+    dropout draws the same numbers after a resume), and ``state.json`` = ``state`` (``step``, ``best_step``,
+    ``best_metric``, ``curve``) plus the scheduler's and rules' states.
+
+    The directory is replaced atomically (:func:`taskvec.io.atomic_dir`): a process killed while writing it
+    leaves the previous checkpoint whole, never the tensors of one step with the state of another."""
     from safetensors.torch import save_file
 
-    ckpt.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.cpu().contiguous() for k, v in trainable_state(model).items()},
-              str(ckpt / "trainable.safetensors"))
-    save_file({k: v.cpu().contiguous() for k, v in best_state.items()}, str(ckpt / "best.safetensors"))
-    torch.save(opt.state_dict(), ckpt / "optimizer.pt")
-    write_json(ckpt / "state.json", {**state, "scheduler": sched.state_dict(),
-                                     "rules": [r.state_dict() for r in rules]})
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    with atomic_dir(ckpt, overwrite=True) as tmp:
+        save_file({k: v.cpu().contiguous() for k, v in trainable_state(model).items()},
+                  str(tmp / "trainable.safetensors"))
+        save_file({k: v.cpu().contiguous() for k, v in best_state.items()}, str(tmp / "best.safetensors"))
+        save_file(rng, str(tmp / "rng.safetensors"))
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        write_json(tmp / "state.json", {
+            **state, "scheduler": sched.state_dict(), "rules": [r.state_dict() for r in rules],
+            "random": {"python": [py_state[0], list(py_state[1]), py_state[2]],
+                       "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}})
 
 
 def load_checkpoint(ckpt: Path, model, opt, sched, rules) -> tuple[dict, dict | None] | None:
@@ -317,3 +330,20 @@ def load_checkpoint(ckpt: Path, model, opt, sched, rules) -> tuple[dict, dict | 
     for r, rs in zip(rules, st["rules"]):
         r.load_state_dict(rs)
     return st, best_state
+
+
+def restore_random(ckpt: Path, st: dict) -> None:
+    """Set the random generators to their states in the checkpoint ``ckpt`` (its ``state.json`` read as
+    ``st``): called last before training resumes, so a resumed run draws what an uninterrupted one would."""
+    from safetensors.torch import load_file
+
+    if (ckpt / "rng.safetensors").exists():
+        rng = load_file(str(ckpt / "rng.safetensors"))
+        torch.set_rng_state(rng["cpu"])
+        cuda = [rng[f"cuda.{i}"] for i in range(len(rng) - 1) if f"cuda.{i}" in rng]
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    if "random" in st:
+        py, npy = st["random"]["python"], st["random"]["numpy"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]))
