@@ -158,13 +158,23 @@ def cmd_finetune(a) -> int:
     return 0
 
 
+def _locked(path, command: str):
+    """The output lock (:func:`taskvec.io.run_lock`) of a command writing into ``path`` (a run directory, a
+    study's directory or a merge's output): a second taskvec process writing there is refused, naming this
+    one."""
+    from .io import run_lock
+
+    return run_lock(path, f"taskvec {command}")
+
+
 def cmd_vectors(a) -> int:
     from .runs import open_run
     from .stages.vectors import extract_vectors
     from .task_vector import TaskVector
 
-    run = open_run(a.run)
-    vs = extract_vectors(run, overwrite=a.overwrite)
+    with _locked(a.run, "vectors"):
+        run = open_run(a.run)
+        vs = extract_vectors(run, overwrite=a.overwrite)
     names = list(vs)
     for n in names:
         print(f"{n}: {vs[n]!r} -> {run.vector_path(n)}")
@@ -180,8 +190,9 @@ def cmd_vectors(a) -> int:
 def cmd_merge(a) -> int:
     from .merge import merge
 
-    res = merge(a.config, a.out, overwrite=a.overwrite, device=a.device, dtype=a.dtype,
-                show_progress=not a.no_progress, write_mergekit=a.write_mergekit)
+    with _locked(a.out, "merge"):
+        res = merge(a.config, a.out, overwrite=a.overwrite, device=a.device, dtype=a.dtype,
+                    show_progress=not a.no_progress, write_mergekit=a.write_mergekit)
     print(f"merged {res.tensors_merged} tensors ({res.method}) into {res.out_dir} in {res.seconds:.1f} s"
           + (f"; heads: {', '.join(res.heads)}" if res.heads else ""))
     return 0
@@ -201,13 +212,21 @@ def _run_or_study(a, out_flag: str = "out"):
     return prepare_study(a.run, out), None
 
 
+def _locked_run(a):
+    """The lock of the run a command reads and writes into: the run directory, or a study's ``--out``."""
+    from .study import is_study
+
+    return _locked(a.out if is_study(a.run) and a.out is not None else a.run, a.command)
+
+
 def cmd_ntk(a) -> int:
     from .stages.ntk import run_ntk
 
-    run, out = _run_or_study(a)
-    res = run_ntk(run, out=out, n=a.n, params=a.params, mode=a.mode, output=a.output, kernel=a.kernel,
-                  cross=not a.no_cross, sketch_dim=a.sketch_dim, seed=a.seed, device=a.device,
-                  max_length=a.max_length, overwrite=a.overwrite)
+    with _locked_run(a):
+        run, out = _run_or_study(a)
+        res = run_ntk(run, out=out, n=a.n, params=a.params, mode=a.mode, output=a.output, kernel=a.kernel,
+                      cross=not a.no_cross, sketch_dim=a.sketch_dim, seed=a.seed, device=a.device,
+                      max_length=a.max_length, overwrite=a.overwrite)
     print(json.dumps(res, indent=2, default=str))
     return 0
 
@@ -216,28 +235,31 @@ def cmd_validate(a) -> int:
     from .report import summary_markdown
     from .validation import validate_run
 
-    run, out = _run_or_study(a)
-    if a.write_best:  # refused before the (long) validation, not after it
-        from .io import check_output
+    with _locked_run(a):
+        run, out = _run_or_study(a)
+        if a.write_best:  # refused before the (long) validation, not after it
+            from .io import check_output
 
-        check_output(a.write_best, a.overwrite)
-    res = validate_run(run, out=out, n_eval=a.n_eval, n_kernel=a.n_kernel, rank=a.rank,
-                       second_order=not a.first_order, max_uncertainty=a.max_uncertainty, device=a.device,
-                       overwrite=a.overwrite)
-    print(summary_markdown({"validation": res}))
-    if a.write_best:
-        from .validation.best import write_best
+            check_output(a.write_best, a.overwrite)
+        res = validate_run(run, out=out, n_eval=a.n_eval, n_kernel=a.n_kernel, rank=a.rank,
+                           second_order=not a.first_order, max_uncertainty=a.max_uncertainty, device=a.device,
+                           overwrite=a.overwrite)
+        print(summary_markdown({"validation": res}))
+        if a.write_best:
+            from .validation.best import write_best
 
-        merged, cand = write_best(run, a.write_best, res, overwrite=a.overwrite, device=a.device or "cpu")
-        print(f"wrote the recommended merge ({cand['name']}: measured {100 * cand['measured']:.2f}%, predicted "
-              f"{100 * cand['predicted']:.2f}% average normalised accuracy) to {merged.out_dir}")
+            merged, cand = write_best(run, a.write_best, res, overwrite=a.overwrite, device=a.device or "cpu")
+            print(f"wrote the recommended merge ({cand['name']}: measured {100 * cand['measured']:.2f}%, predicted "
+                  f"{100 * cand['predicted']:.2f}% average normalised accuracy) to {merged.out_dir}")
     return 0
 
 
 def cmd_report(a) -> int:
     from .report import write_report
 
-    print(f"report written to {write_report(a.run, overwrite=a.overwrite)}")
+    with _locked(a.run, "report"):
+        page = write_report(a.run, overwrite=a.overwrite)
+    print(f"report written to {page}")
     return 0
 
 
@@ -246,6 +268,12 @@ def cmd_run(a) -> int:
 
     run_pipeline(a.config, a.out, overwrite=a.overwrite, stages=a.stages.split(",") if a.stages else None)
     return 0
+
+
+def _add_allow_pickle(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load model directories that hold only pickle weights (pytorch_model.bin) with "
+                        "torch.load(weights_only=True) instead of refusing them (taskvec.modeling.pickle_allowed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,11 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="run directory")
     s.add_argument("--overwrite", action="store_true")
     _add_finetune_args(s)
+    _add_allow_pickle(s)
     s.set_defaults(func=cmd_finetune)
 
     s = sub.add_parser("vectors", help="extract task vectors from a fine-tuning run")
     s.add_argument("run", help="run directory written by `taskvec finetune`")
     s.add_argument("--overwrite", action="store_true")
+    _add_allow_pickle(s)
     s.set_defaults(func=cmd_vectors)
 
     s = sub.add_parser("ntk", help="empirical NTK and spectra of a run's (or a study's) tasks")
@@ -289,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None)
     s.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the run's)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_allow_pickle(s)
     s.set_defaults(func=cmd_ntk)
 
     s = sub.add_parser("merge", help="merge checkpoints from a YAML config (taskvec or mergekit format)")
@@ -299,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, help="output dtype: float32, bfloat16, float16")
     s.add_argument("--write-mergekit", action="store_true", help="also write OUT/mergekit.yaml")
     s.add_argument("--no-progress", action="store_true")
+    _add_allow_pickle(s)
     s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("validate", help="predict merges from the linearised model, measure them, explain them")
@@ -318,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "predicted and measured per-task numbers)")
     s.add_argument("--overwrite", action="store_true",
                    help="replace an existing RUN/validation/results.json (and --write-best DIR)")
+    _add_allow_pickle(s)
     s.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("report", help="write RUN/report/report.html (+ PNG figures) and RUN/results.json")
@@ -330,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/default")
     s.add_argument("--stages", default=None, help="comma-separated subset of stages to run")
     s.add_argument("--overwrite", action="store_true")
+    _add_allow_pickle(s)
     s.set_defaults(func=cmd_run)
     return p
 
@@ -353,10 +387,19 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _log_to_stderr()
     try:
+        if getattr(args, "allow_pickle", False):  # every loader of this command accepts pickle weights
+            from .modeling import pickle_allowed
+
+            with pickle_allowed():
+                return args.func(args)
         return args.func(args)
     except (TaskvecError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"taskvec {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C / SIGINT: outputs are atomic, so nothing half-written was kept
+        print(f"taskvec {args.command}: interrupted; no partial output was kept (run the same command again to "
+              "resume)", file=sys.stderr)
+        return 130
 
 
 def _one_line(e: BaseException) -> str:

@@ -22,6 +22,7 @@ Short names for the embedded defaults (no network): ``minilm`` (all-MiniLM-L6-v2
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import importlib.util
 import json
@@ -153,21 +154,76 @@ def is_decoder(config) -> bool:
         "gemma2", "olmo", "smollm3", "falcon"}
 
 
-def check_weights(path: Path, allow_pickle: bool = False) -> bool:
+_ALLOW_PICKLE = contextvars.ContextVar("taskvec_allow_pickle", default=False)
+
+
+@contextmanager
+def pickle_allowed(allow: bool = True):
+    """Within the block, model directories holding only pickle weights (``pytorch_model.bin``) are loaded,
+    with ``torch.load(weights_only=True)``, by every loader that is not told otherwise: the base model of
+    fine-tuning and of a run's stages, task vectors' base weights, merge inputs, studies' checkpoints. The
+    CLI's ``--allow-pickle`` runs its command inside this block; in Python, ``allow_pickle=True`` of
+    :func:`load_backbone` / :func:`check_model` opts in for one call."""
+    token = _ALLOW_PICKLE.set(bool(allow))
+    try:
+        yield
+    finally:
+        _ALLOW_PICKLE.reset(token)
+
+
+def pickle_is_allowed(allow_pickle: bool | None = None) -> bool:
+    """``allow_pickle``, or (``None``) whether the caller is inside :func:`pickle_allowed`."""
+    return _ALLOW_PICKLE.get() if allow_pickle is None else bool(allow_pickle)
+
+
+#: how to convert pickle weights once, named by every refusal
+PICKLE_HINT = ("Convert once: AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True); or pass "
+               "--allow-pickle (Python: allow_pickle=True / taskvec.modeling.pickle_allowed()) to load them with "
+               "torch.load(weights_only=True)")
+
+
+def check_weights(path: Path, allow_pickle: bool | None = None) -> bool:
     """Whether the model directory ``path`` holds safetensors weights; with only pickle weights
-    (``pytorch_model.bin``, ``*.pt``) a :class:`ModelError` that says how to convert them, unless
-    ``allow_pickle`` (then ``False`` is returned and transformers loads them with ``weights_only=True``)."""
+    (``pytorch_model.bin``, ``*.pt``) a :class:`ModelError` that says how to convert them, unless pickle is
+    allowed (``allow_pickle``, or inside :func:`pickle_allowed`; then ``False`` is returned and they are
+    loaded with ``weights_only=True``)."""
     path = Path(path)
     if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
         return True
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     if not pickles:
         raise ModelError(f"{path}: no weights (expected model.safetensors or model.safetensors.index.json)")
-    if not allow_pickle:
-        raise ModelError(f"{path}: only pickle weights ({', '.join(pickles)}); taskvec reads safetensors. Convert "
-                         "once: AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True) (or, in Python, "
-                         "load_backbone(dir, allow_pickle=True) loads them with torch.load(weights_only=True))")
+    if not pickle_is_allowed(allow_pickle):
+        raise ModelError(f"{path}: only pickle weights ({', '.join(pickles)}); taskvec reads safetensors. "
+                         f"{PICKLE_HINT}")
     return False
+
+
+def load_pickle_state(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a model directory's pickle weights (``pytorch_model.bin``, or the shards its
+    ``pytorch_model.bin.index.json`` lists), read with ``torch.load(weights_only=True)`` (no code runs)
+    and memory-mapped. Only for a directory :func:`check_weights` allowed; a shard that is not a state
+    dict is a :class:`ModelError` naming it."""
+    path = Path(path)
+    index = path / "pytorch_model.bin.index.json"
+    if index.is_file():
+        try:
+            files = sorted({path / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelError(f"{index}: not a weights index (expected a JSON object with a 'weight_map'): {e}") from None
+    else:
+        files = sorted(p for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001 - unpickling errors have many types; name the file
+            raise ModelError(f"{f}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+            raise ModelError(f"{f}: not a state dict (a mapping of tensor names to tensors)")
+        state.update(part)
+    return state
 
 
 def check_safetensors(path: Path) -> None:
@@ -202,7 +258,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
                    "spiece.model", "sentencepiece.bpe.model")
 
 
-def check_model(name_or_path, allow_pickle: bool = False) -> Path:
+def check_model(name_or_path, allow_pickle: bool | None = None) -> Path:
     """Check a base model before anything is written for it; returns its directory (:func:`resolve_model`).
 
     ``config.json`` must be a transformers config, the weights safetensors (:func:`check_weights`) with
@@ -233,12 +289,13 @@ def check_model(name_or_path, allow_pickle: bool = False) -> Path:
 
 
 def load_backbone(name_or_path, *, dtype=torch.float32, attn_implementation: str | None = "eager",
-                  trust_remote_code: bool = False, allow_pickle: bool = False):
+                  trust_remote_code: bool = False, allow_pickle: bool | None = None):
     """Load a base model's backbone (``AutoModel``) in ``dtype``.
 
     Eager attention is the default: forward-mode AD (JVPs, used by the kernels and predictions) has no
     rule for the fused SDPA kernels. Pass ``attn_implementation="sdpa"`` for speed when no JVP is needed.
-    Pickle checkpoints are refused (:func:`check_weights`) unless ``allow_pickle``.
+    Pickle checkpoints are refused (:func:`check_weights`) unless ``allow_pickle`` (``None``: as
+    :func:`pickle_allowed` says); allowed, transformers loads them with ``weights_only=True``.
     """
     from transformers import AutoModel
 

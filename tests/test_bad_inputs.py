@@ -189,7 +189,7 @@ def _merge_case(case, tiny_bert, tiny_gpt2, bad_models, tmp_path):
         "corrupted_header_input": (bad("corrupted_safetensors_header"),
                                    [st("corrupted_safetensors_header"), "cannot read safetensors file"]),
         "pickle_only_input": (bad("pickle_only_weights"), [bad_models["pickle_only_weights"][0],
-                                                           "only safetensors checkpoints are read"]),
+                                                           "only pickle weights (.bin)", "--allow-pickle"]),
         "base_without_config_json": ({**ok, "base_model": str(bad_models["missing_config_json"][0])},
                                      ["base_model:", "has no config.json"]),
         "unknown_key": ({**ok, "base_modle": "x"}, ["unknown config keys ['base_modle']"]),

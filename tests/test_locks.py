@@ -223,3 +223,84 @@ def test_a_second_smollm2_conversion_waits_and_reuses_the_first(tmp_path):
     assert (target / "model.safetensors").read_bytes() == b"converted by the first process"
     assert "converting SmolLM2 into the taskvec cache" in log.read_text()  # it named what it waited for
     assert not lock_file(target).exists()
+
+
+# --- every writing command takes the lock (vectors, ntk, validate, report on a run; merge on its output) --
+
+
+def _hold(args, ready: Path, hold: str) -> subprocess.Popen:
+    """``taskvec ARGS`` in a process that stops at its first atomic write matching ``hold``, holding its lock
+    (the test-only hook of taskvec.io); ``ready`` appears when it is there."""
+    code = "import sys\nfrom taskvec.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return _python(code, *args, env={"TASKVEC_TEST_HOLD": hold, "TASKVEC_TEST_HOLD_READY": str(ready)})
+
+
+def _refused_line(err: str, command: str, path: Path, holder: subprocess.Popen, what: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"taskvec {command}: error: {path} is in use by another taskvec process "
+                               f"(pid {holder.pid}, since "), lines[0]
+    assert f": taskvec {what}); wait for it or remove {lock_file(path)} if that process is gone" in lines[0]
+
+
+def test_commands_writing_into_a_run_are_refused_while_another_process_writes_it(tiny_run, tmp_path, capsys):
+    """A process re-extracting task vectors holds the run; a second `taskvec vectors` (another process), and
+    `ntk`, `validate` and `report` on the same run, are refused with the one-line message and change
+    nothing; the first, interrupted, leaves the run as it was and the lock free."""
+    import shutil
+    import signal
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = _files(run)
+    ready = tmp_path / "ready"
+    first = _hold(["vectors", run, "--overwrite"], ready, "*/vectors/a.safetensors")
+    try:
+        _wait_for(ready.exists, first, "signal that it holds the run")
+        second = _python("import sys\nfrom taskvec.cli import main\nsys.exit(main(sys.argv[1:]))", "vectors", run,
+                         "--overwrite")
+        _, err = second.communicate(timeout=GUARD_S)
+        assert second.returncode == 2, err
+        _refused_line(err, "vectors", run, first, "vectors")
+        for argv in (["ntk", run, "--n", "4", "--overwrite"], ["validate", run, "--n-eval", "8", "--overwrite"],
+                     ["report", run, "--overwrite"]):
+            capsys.readouterr()
+            assert main([str(a) for a in argv]) == 2, argv
+            _refused_line(capsys.readouterr().err, argv[0], run, first, "vectors")
+        assert not (run / "ntk").exists() and not (run / "validation").exists() and not (run / "report").exists()
+    finally:
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=GUARD_S)
+    assert first.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("taskvec vectors: interrupted"), err
+    assert _files(run) == before  # the interrupted rewrite left every vector as it was, no temporary file
+    assert not lock_file(run).exists()
+    assert main(["report", str(run)]) == 0  # the run is free again
+
+
+def test_a_second_merge_into_one_output_is_refused(tiny_run, tmp_path, capsys):
+    """Two `taskvec merge` processes writing one output: the second is refused while the first holds it."""
+    import signal
+
+    import yaml
+
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(yaml.safe_dump({"method": "task_arithmetic", "run": str(tiny_run), "parameters": {"lambda": 0.5}}))
+    out, ready = tmp_path / "merged", tmp_path / "ready"
+    first = _hold(["merge", cfg, out, "--no-progress"], ready, str(out))
+    try:
+        _wait_for(ready.exists, first, "signal that it is about to rename its merge into place")
+        second = _python("import sys\nfrom taskvec.cli import main\nsys.exit(main(sys.argv[1:]))", "merge", cfg, out,
+                         "--no-progress")
+        _, err = second.communicate(timeout=GUARD_S)
+        assert second.returncode == 2, err
+        _refused_line(err, "merge", out, first, "merge")
+        assert not out.exists()
+    finally:
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=GUARD_S)
+    assert first.returncode == 130, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["merge.yaml", "ready"]
+    capsys.readouterr()
+    assert main(["merge", str(cfg), str(out), "--no-progress"]) == 0, capsys.readouterr().err
+    assert (out / "model.safetensors.index.json").is_file() and not lock_file(out).exists()

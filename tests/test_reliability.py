@@ -47,3 +47,80 @@ def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path):
     (tmp_path / "empty" / "config.json").write_text((tmp_path / "pkl" / "config.json").read_text())
     with pytest.raises(ModelError, match="no weights"):
         load_backbone(tmp_path / "empty")
+
+
+def test_cli_allow_pickle_on_every_command_that_loads_a_model(tiny_bert, tmp_path, capsys, monkeypatch):
+    """A base model directory holding only pytorch_model.bin: each command that loads it is refused with the
+    conversion and the flag named, leaving nothing behind; with --allow-pickle it loads, every pickle read
+    with torch.load(weights_only=True), and the tensors are the safetensors original's."""
+    import shutil
+
+    import yaml
+    from conftest import toy_task
+    from safetensors.torch import load_file
+
+    pkl = tmp_path / "pkl"
+    shutil.copytree(tiny_bert, pkl)
+    torch.save(load_file(pkl / "model.safetensors"), pkl / "pytorch_model.bin")
+    (pkl / "model.safetensors").unlink()
+    files = []
+    for name, seed in (("toy", 0), ("other", 1)):
+        t = toy_task(name, n=60, seed=seed)
+        files.append(tmp_path / f"{name}.csv")
+        files[-1].write_text("text,label\n" + "".join(f'"{x}",{t.label_names[y]}\n' for x, y in zip(t.texts, t.labels)))
+    loads = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+
+    def refused(argv, *expected):
+        capsys.readouterr()
+        before = sorted(p.name for p in tmp_path.iterdir())
+        assert main([str(a) for a in argv]) == 2, argv
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, err
+        for e in (f"{pkl}: only pickle weights (", "safe_serialization=True", "--allow-pickle", *expected):
+            assert e in lines[0], (e, lines[0])
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing left behind
+
+    def ok(argv):
+        capsys.readouterr()
+        assert main([str(a) for a in argv] + ["--allow-pickle"]) == 0, capsys.readouterr().err
+
+    run = tmp_path / "run"
+    ft = ["finetune", "--model", pkl, "--tasks", *files, "--out", run, "--device", "cpu", "--max-steps", "3",
+          "--eval-every", "3", "--lr", "0.01", "--test-size", "10", "--val-size", "6", "--early-stopping", "none"]
+    refused(ft, "pytorch_model.bin")
+    assert not loads
+    ok(ft)
+    assert loads and all(w is True for w in loads)  # every pickle read: weights_only=True
+    assert (run / "finetune" / "toy" / "model" / "model.safetensors").is_file()  # taskvec writes safetensors
+    refused(["vectors", run])
+    ok(["vectors", run])
+    from taskvec.task_vector import TaskVector
+
+    ref = TaskVector.from_models(tiny_bert, run / "finetune" / "other", scope="qkv")  # the base as safetensors
+    got = TaskVector.load(run / "vectors" / "other.safetensors")
+    assert sorted(got.deltas) == sorted(ref.deltas) and got.norm() > 0
+    assert all(torch.equal(got.deltas[k], ref.deltas[k]) for k in ref.deltas)
+    refused(["ntk", run, "--n", "4", "--no-cross"])
+    refused(["validate", run, "--n-eval", "6", "--n-kernel", "4", "--rank", "1"])
+    ok(["ntk", run, "--n", "4", "--no-cross"])
+    assert (run / "ntk" / "toy.safetensors").is_file()
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(yaml.safe_dump({"method": "task_arithmetic", "base_model": str(pkl), "parameters": {"lambda": 1.0},
+                                   "models": [{"model": str(pkl)}, {"model": str(tiny_bert)}]}))
+    refused(["merge", cfg, tmp_path / "merged", "--no-progress"])
+    n = len(loads)
+    ok(["merge", cfg, tmp_path / "merged", "--no-progress"])
+    assert len(loads) > n and all(w is True for w in loads)
+    from taskvec.merge.checkpoint import Checkpoint
+
+    merged, base = Checkpoint(tmp_path / "merged"), load_file(tiny_bert / "model.safetensors")
+    assert sorted(merged.info) == sorted(base)
+    assert all(torch.equal(merged.get(k), base[k]) for k in base)  # the pickle base equals the other input: τ = 0

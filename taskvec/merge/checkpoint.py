@@ -39,6 +39,7 @@ class Checkpoint:
         self.info: dict[str, tuple[tuple[int, ...], str]] = {}
         self.metadata: dict[str, str] = {}
         self._offsets: dict[str, tuple[int, int]] = {}
+        self._loaded: dict[str, torch.Tensor] = {}  # pickle weights, read whole (only with --allow-pickle)
         index_path = self.path / "model.safetensors.index.json"
         weight_map = None
         if self.path.is_file():
@@ -55,8 +56,17 @@ class Checkpoint:
         elif (self.path / "model.safetensors").is_file():
             files = [self.path / "model.safetensors"]
         elif self.path.is_dir() and any(self.path.glob("*.bin")):
-            raise MergeError(f"{self.path}: only safetensors checkpoints are read; convert the .bin files "
-                             "(load and save_pretrained with safe_serialization=True)")
+            from ..modeling import PICKLE_HINT, load_pickle_state, pickle_is_allowed
+
+            if not pickle_is_allowed():
+                raise MergeError(f"{self.path}: only pickle weights (.bin); safetensors checkpoints are read. "
+                                 f"{PICKLE_HINT}")
+            self._loaded = load_pickle_state(self.path)  # --allow-pickle: torch.load(weights_only=True)
+            for k, t in self._loaded.items():
+                if t.dtype not in ST_NAMES:
+                    raise MergeError(f"{self.path}: tensor {k!r} has dtype {t.dtype}, not one safetensors holds")
+                self.where[k], self.info[k] = self.path, (tuple(t.shape), ST_NAMES[t.dtype])
+            return
         else:
             raise MergeError(f"{self.path}: not found, or no model.safetensors / model.safetensors.index.json")
         for f in files:
@@ -100,6 +110,8 @@ class Checkpoint:
         Nothing is copied until it is used; the map (copy-on-write, so in-place operations never
         touch the file) is released with the tensor, so resident memory stays near the tensors in use.
         """
+        if self._loaded:
+            return self._loaded[name].clone()  # a copy: in-place operations never touch the loaded tensors
         shape, dt = self.info[name]
         a, b = self._offsets[name]
         dtype = ST_DTYPES[dt]
