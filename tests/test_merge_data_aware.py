@@ -355,3 +355,13 @@ def test_taskvec_merge_cli_writes_a_regmean_directory_and_refuses_one_without_a_
     assert main(["merge", str(cfg), str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "needs each task's data" in err and not (tmp_path / "none").exists()
+
+
+def test_merge_config_records_the_statistics_settings_used(tiny_run, tmp_path):
+    import yaml
+
+    merge({"run": str(tiny_run), "method": "regmean", "parameters": {"n_examples": 3}}, tmp_path / "o",
+          show_progress=False)
+    rec = yaml.safe_load((tmp_path / "o" / "merge_config.yaml").read_text())
+    assert rec["parameters"] == {"n_examples": 3, "alpha": 0.9}
+    assert "alpha: 0.9" in (tmp_path / "o" / "README.md").read_text()

@@ -360,6 +360,9 @@ def tensor_stream(p, device: str = "cpu"):
     error is raised here) and returns the tensor stream, a function like
     :func:`taskvec.merge.engine.merged_tensors` ``(plan, device, dtype, progress)``."""
     stats, to_key = plan_statistics(p, device)
+    for prm in p.cfg.method_def.params:  # the defaults used, explicit in merge_config.yaml and the model card
+        if not prm.per_model:
+            p.cfg.parameters.setdefault(prm.name, prm.default)
 
     def stream(plan, device: str = "cpu", dtype: torch.dtype | None = None, progress=None):
         return merged_tensors(plan, stats, to_key, device, dtype, progress)
