@@ -243,3 +243,37 @@ def test_a_task_resumed_from_its_checkpoint_equals_an_uninterrupted_one(tiny_ber
                                                                                   "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / ".r.ckpt").exists()
+
+
+def test_what_an_interrupted_run_with_other_inputs_left_is_not_reused(tiny_bert, tmp_path, monkeypatch):
+    """In process: a pipeline finishes with config A; rerun with config B (merge ``ta`` at another λ), it is
+    interrupted after B's ``ta`` is written; rerun with A, the merge stage must be recomputed (its last
+    attempt had other inputs), not take B's ``ta`` for A's."""
+    import taskvec.merge as merge_pkg
+    from taskvec.pipeline import run_pipeline
+
+    cfg = yaml.safe_load(_config(tmp_path, tiny_bert).read_text())
+    cfg["stages"] = ["finetune", "vectors", "merge"]
+    cfg["merge"] = {"methods": [{"method": "task_arithmetic", "lambda": 0.5, "name": "ta"},
+                                {"method": "ties", "density": 0.5, "name": "ties"}]}
+    out = tmp_path / "run"
+    run_pipeline(cfg, out)
+    weights = out / "merges" / "ta" / "model.safetensors.index.json"
+    first = {n: _content(f) for n, f in _visible(out / "merges" / "ta").items()}  # A's merge, as it was
+    assert weights.is_file()
+    other = {**cfg, "merge": {"methods": [{**cfg["merge"]["methods"][0], "lambda": 0.9}, cfg["merge"]["methods"][1]]}}
+    real = merge_pkg.merge
+
+    def merge_then_interrupt(config, dest, **kw):
+        real(config, dest, **kw)
+        raise KeyboardInterrupt("simulated Ctrl-C after the first merge")
+
+    monkeypatch.setattr(merge_pkg, "merge", merge_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(other, out)
+    changed = {n: _content(f) for n, f in _visible(out / "merges" / "ta").items()}
+    assert any(changed[n] != first[n] for n in first if n.endswith(".safetensors"))  # B's ta is there
+    monkeypatch.setattr(merge_pkg, "merge", real)
+    run_pipeline(cfg, out)
+    again = {n: _content(f) for n, f in _visible(out / "merges" / "ta").items()}
+    assert again == first  # A's merge again, bit for bit (its model card: but for the date)
