@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DataError, TaskvecError
-from .io import atomic_dir, check_output, check_value, run_lock, write_json
+from .io import atomic_dir, check_output, check_value, remove_stale_temporaries, run_lock, write_json
 from .lm_objective import check_objective, lm_batches, resolve_objective, token_loss
 from .modeling import check_model, is_decoder, load_tokenizer, resolve_model
 from .stopping import StopDecision, TrainContext, make_rule
@@ -498,6 +498,7 @@ def finetune_task(base, task: Task, out_dir, config: FinetuneConfig | None = Non
         _write_task_dir(out_dir, overwrite, unwrapped, base, task, data, config, result, probe_test, base_val,
                         final_test)
         shutil.rmtree(ckpt, ignore_errors=True)
+        remove_stale_temporaries(ckpt)  # a checkpoint half-written by a killed process
     acc.wait_for_everyone()
     return result
 
