@@ -233,20 +233,25 @@ def parse_budget(max_memory) -> int | float:
 
 def _probe(model, names, primals, keys, batch, directions, output: str = "logits") -> tuple[int, int]:
     """Measured peak bytes ``(one example · one direction, one example · two directions)`` (the second is
-    ``None`` for a single direction), cached per model, padded length and tensor set."""
+    ``None`` for a single direction), cached per model, tensor set and output by padded length ``L``: a probe
+    of a length ≥ ``L`` is reused (memory does not shrink with the length), so probing the longest batch
+    first (:func:`directional_outputs` does) serves every shorter one."""
     from .tensor_memory import LiveTensorBytes
 
-    ck = (tuple(batch["input_ids"].shape[1:]), tuple(keys), len(directions) > 1, str(primals[0].device), output)
-    cache = _PROBES.setdefault(model, {})
-    if ck not in cache:
-        one = _rows(batch, 0, 1)
-        peaks = []
-        for k in ((1, 2) if len(directions) > 1 else (1,)):
-            with LiveTensorBytes() as m:
-                _jvp_vmapped(model, names, primals, keys, one, directions[:k], output)
-            peaks.append(m.peak)
-        cache[ck] = (peaks[0], peaks[1] if len(peaks) > 1 else None)
-    return cache[ck]
+    L = int(batch["input_ids"].shape[1])
+    ck = (tuple(batch["input_ids"].shape[2:]), tuple(keys), len(directions) > 1, str(primals[0].device), output)
+    cache = _PROBES.setdefault(model, {}).setdefault(ck, {})
+    longer = [n for n in cache if n >= L]
+    if longer:
+        return cache[min(longer)]
+    one = _rows(batch, 0, 1)
+    peaks = []
+    for k in ((1, 2) if len(directions) > 1 else (1,)):
+        with LiveTensorBytes() as m:
+            _jvp_vmapped(model, names, primals, keys, one, directions[:k], output)
+        peaks.append(m.peak)
+    cache[L] = (peaks[0], peaks[1] if len(peaks) > 1 else None)
+    return cache[L]
 
 
 def jvp_plan(model: nn.Module, batch: dict, directions: list[dict[str, torch.Tensor]],
@@ -438,6 +443,11 @@ def directional_outputs(model: nn.Module, batches, directions: dict[str, dict[st
     f0s, ys = [], []
     jv: dict[str, list] = {d: [] for d in directions}
     hv: dict[str, list] = {d: [] for d in directions} if nested else {}
+    if batched and not nested and len(directions) >= 2 and max_memory != float("inf") and iter(batches) is not batches:
+        longest = max(batches, key=lambda b: b["input_ids"].shape[1], default=None)  # one probe serves all
+        if longest is not None:
+            lb = {k: v.to(device) for k, v in longest.items()} if device is not None else longest
+            jvp_plan(model, lb, list(directions.values()), max_memory)
     for b in batches:
         if device is not None:
             b = {k: v.to(device) for k, v in b.items()}

@@ -132,3 +132,17 @@ def test_validate_refuses_a_bad_budget_before_reading_the_run(tmp_path):
 
     with pytest.raises(TaskvecError, match="max_memory: expected a positive number of bytes"):
         validate_run(tmp_path, max_memory="lots")
+
+
+def test_one_probe_of_the_longest_batch_serves_the_shorter_ones():
+    from taskvec.linearize import _PROBES, directional_outputs
+
+    m, b, dirs = tiny_case(4, 24, 3)
+    b["labels"] = torch.tensor([0, 1, 2, 0])
+    short = {k: v[:, :10] if v.dim() == 2 else v for k, v in b.items()}
+    named = {str(i): d for i, d in enumerate(dirs)}
+    out = directional_outputs(m, [short, b], named, max_memory=1e12)
+    probes = [lengths for lengths in _PROBES[m].values()]
+    assert [sorted(p) for p in probes] == [[24]]  # probed once, at the longest length
+    ref = jvp_many(m, short, dirs, max_memory=float("inf"))[1][0]
+    assert torch.allclose(out.jvps["0"][:4], ref, rtol=1e-5, atol=1e-6)
