@@ -19,6 +19,7 @@ nats; evaluation aggregates Σ NLL / Σ tokens (:func:`taskvec.lm_metrics.corpus
 
 from __future__ import annotations
 
+import logging
 import random
 
 import torch
@@ -27,6 +28,8 @@ from torch import nn
 
 from .errors import TaskvecError
 from .lm_metrics import DELIMITER, build_batch, encode, encode_pair, prefix_token_id
+
+log = logging.getLogger(__name__)
 
 OBJECTIVES = ("classify", "lm", "choice")
 IGNORE = -100
@@ -147,6 +150,10 @@ class LMBatches:
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.sort_by_length = sort_by_length and not shuffle
         self.pairs, self.truncated = task_pairs(tokenizer, task, self.indices, objective, max_length)
+        if self.truncated:
+            log.warning("task %s: %d of %d examples longer than max_length=%d tokens were cut (%s)", task.name,
+                        self.truncated, len(self.indices), max_length,
+                        "texts keep their first tokens" if objective == "lm" else "prompts lose their first tokens")
         self.pad_id = next((int(t) for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
         self.max_length = max_length
         self.labels = torch.tensor([task.labels[i] for i in self.indices], dtype=torch.long)
