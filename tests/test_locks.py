@@ -257,6 +257,7 @@ def test_commands_writing_into_a_run_are_refused_while_another_process_writes_it
     first = _hold(["vectors", run, "--overwrite"], ready, "*/vectors/a.safetensors")
     try:
         _wait_for(ready.exists, first, "signal that it holds the run")
+        held = _files(run)  # (with the first process's temporary vector file)
         second = _python("import sys\nfrom taskvec.cli import main\nsys.exit(main(sys.argv[1:]))", "vectors", run,
                          "--overwrite")
         _, err = second.communicate(timeout=GUARD_S)
@@ -267,7 +268,7 @@ def test_commands_writing_into_a_run_are_refused_while_another_process_writes_it
             capsys.readouterr()
             assert main([str(a) for a in argv]) == 2, argv
             _refused_line(capsys.readouterr().err, argv[0], run, first, "vectors")
-        assert not (run / "ntk").exists() and not (run / "validation").exists() and not (run / "report").exists()
+        assert _files(run) == held  # the refused commands wrote nothing
     finally:
         first.send_signal(signal.SIGINT)
         _, err = first.communicate(timeout=GUARD_S)
@@ -275,7 +276,7 @@ def test_commands_writing_into_a_run_are_refused_while_another_process_writes_it
     assert err.strip().splitlines()[-1].startswith("taskvec vectors: interrupted"), err
     assert _files(run) == before  # the interrupted rewrite left every vector as it was, no temporary file
     assert not lock_file(run).exists()
-    assert main(["report", str(run)]) == 0  # the run is free again
+    assert main(["report", str(run), "--overwrite"]) == 0  # the run is free again
 
 
 def test_a_second_merge_into_one_output_is_refused(tiny_run, tmp_path, capsys):
