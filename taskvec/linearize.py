@@ -382,9 +382,13 @@ def forward_outputs(model: nn.Module, batches, device=None) -> tuple[torch.Tenso
     return torch.cat(outs), torch.cat(ys)
 
 
+FD_FIRST_STEP = 1e-5  # step of the one-sided float64 differences for first-order-only directions
+
+
 @torch.no_grad()
 def finite_difference_derivatives(model: nn.Module, batches, directions: dict[str, dict[str, torch.Tensor]],
-                                  h: float = 1e-3, device=None) -> tuple[dict, dict]:
+                                  h: float = 1e-3, device=None, first_only: dict | None = None,
+                                  h1: float = FD_FIRST_STEP) -> tuple[dict, dict]:
     """J·Δ_d and D²f[Δ_d, Δ_d] for every direction by central differences of float64 forward passes.
 
     On a float64 copy of ``model``: ``(f(θ0 + hΔ) − f(θ0 − hΔ)) / 2h`` and
@@ -394,7 +398,12 @@ def finite_difference_derivatives(model: nn.Module, batches, directions: dict[st
     the Taylor series' ratio along Δ, below 1 wherever a second-order prediction is trusted) and the float64
     round-off about ``1e-16·|f| / (h·|J·Δ|)`` and ``1e-16·|f| / (h²·|D²f|)``: with the default ``h = 1e-3``
     all are far below float32 resolution for merge-sized Δ (tested against float64 JVPs).
-    Returns ``({d: (n, o)}, {d: (n, o)})`` float32 on the CPU.
+
+    ``first_only`` directions get J·Δ alone, by a one-sided difference ``(f(θ0 + h1·Δ) − f(θ0)) / h1`` that
+    reuses f(θ0): one float64 forward each (a float32 forward-mode JVP costs several forwards on a CPU).
+    With ``h1 = 1e-5`` its truncation error is about ``h1·ρ/2`` = 5e-6·ρ of the term and its round-off
+    1e-11·|f|/|J·Δ|: float32 resolution, as the JVP's own.
+    Returns ``({d: (n, o)}, {d: (n, o)})`` float32 on the CPU (``first_only`` directions in the first only).
     """
     import copy
 
@@ -416,12 +425,22 @@ def finite_difference_derivatives(model: nn.Module, batches, directions: dict[st
             named[n].copy_(o)
         first[d] = ((fs[0] - fs[1]) / (2 * h)).float()
         second[d] = ((fs[0] - 2 * f0 + fs[1]) / (h * h)).float()
+    for d, delta in (first_only or {}).items():
+        names, _, tangents = _primals_and_tangents(m64, delta)
+        orig = [named[n].detach().clone() for n in names]
+        for n, o, t in zip(names, orig, tangents):
+            named[n].copy_(o + h1 * t)
+        f1 = forward_outputs(m64, batches)[0]
+        for n, o in zip(names, orig):
+            named[n].copy_(o)
+        first[d] = ((f1 - f0) / h1).float()
     return first, second
 
 
 def directional_outputs(model: nn.Module, batches, directions: dict[str, dict[str, torch.Tensor]],
                         second_order: bool = False, device=None, batched: bool = True,
-                        second_order_method: str = "fd", fd_step: float = 1e-3, max_memory=None) -> Directional:
+                        second_order_method: str = "fd", fd_step: float = 1e-3, max_memory=None,
+                        first_only: dict | None = None) -> Directional:
     """f0 and J·Δ_d (and D²f[Δ_d, Δ_d] with ``second_order``) for every direction ``d`` over all batches.
 
     First order only: forward-mode JVPs, all directions of a batch together (:func:`jvp_many`, one shared
@@ -430,6 +449,8 @@ def directional_outputs(model: nn.Module, batches, directions: dict[str, dict[st
     passes per direction); ``"jvp"`` a nested JVP per direction and batch (exact to float32 round-off,
     several times slower). ``f0`` is always the float32 forward pass. ``max_memory``: the budget of each
     batch's batched JVP (:func:`jvp_many`; bytes or ``"4GB"``, default :func:`default_jvp_budget`).
+    ``first_only`` (with the ``"fd"`` second order): more directions that get J·Δ alone, from one-sided
+    float64 differences sharing the float64 f(θ0) (:func:`finite_difference_derivatives`).
     """
     if second_order_method not in ("fd", "jvp"):
         raise TaskvecError(f"second_order_method must be 'fd' or 'jvp', got {second_order_method!r}")
@@ -437,9 +458,11 @@ def directional_outputs(model: nn.Module, batches, directions: dict[str, dict[st
     nested = second_order and not use_fd
     if use_fd or not directions:
         f0, labels = forward_outputs(model, batches, device)
-        jvps, hvps = (finite_difference_derivatives(model, batches, directions, h=fd_step, device=device)
-                      if use_fd else ({}, {}))
+        jvps, hvps = (finite_difference_derivatives(model, batches, directions, h=fd_step, device=device,
+                                                    first_only=first_only) if use_fd else ({}, {}))
         return Directional(f0.float(), labels, jvps, hvps)
+    if first_only:
+        raise TaskvecError("first_only directions need second_order=True with second_order_method='fd'")
     f0s, ys = [], []
     jv: dict[str, list] = {d: [] for d in directions}
     hv: dict[str, list] = {d: [] for d in directions} if nested else {}

@@ -186,3 +186,25 @@ def test_eval_mode_restores_each_training_flag_even_on_error():
     except RuntimeError:
         pass
     assert a.training and not b.training
+
+
+def test_one_sided_float64_differences_give_the_jvp_of_first_order_only_directions():
+    """first_only directions: (f(θ0 + h1·Δ) − f(θ0)) / h1 on the float64 copy equals the float64 JVP to
+    float32 resolution, beside the central differences of the other directions (which it does not change)."""
+    from taskvec.linearize import finite_difference_derivatives
+
+    m, b = tiny(torch.float32), batch()
+    d32 = {k: {n: t.float() for n, t in v.items()} for k, v in
+           {"a": delta(m, 0.3, seed=8), "c": delta(m, 0.05, seed=10)}.items()}
+    first, second = finite_difference_derivatives(m, [b], {"a": d32["a"]}, first_only={"c": d32["c"]})
+    alone, _ = finite_difference_derivatives(m, [b], {"a": d32["a"]})
+    assert set(first) == {"a", "c"} and set(second) == {"a"} and torch.equal(first["a"], alone["a"])
+    _, j64, _ = jvp_batch(tiny(torch.float64), b, {n: t.double() for n, t in d32["c"].items()})
+    assert float((first["c"].double() - j64).abs().max()) <= 1e-4 * float(j64.abs().max())
+    via = directional_outputs(m, [b], {"a": d32["a"]}, second_order=True, first_only={"c": d32["c"]})
+    assert torch.equal(via.jvps["c"], first["c"]) and "c" not in via.hvps
+    import pytest
+
+    from taskvec.errors import TaskvecError
+    with pytest.raises(TaskvecError, match="first_only"):
+        directional_outputs(m, [b], {"a": d32["a"]}, first_only={"c": d32["c"]})

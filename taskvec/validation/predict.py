@@ -1,9 +1,11 @@
 """Phase 2: directional derivatives of every task's outputs at θ0 along every merge direction, and the
 predictions (with their trust band) built from them.
 
-Task-arithmetic merges θ0 + Σ_t α_t τ_t are linear in the α's to first order, so one batched JVP per task
-over all τ_t predicts every coefficient setting; the second-order term along Σ τ (float64 central
-differences) scales with λ². Other methods (TIES, TSV, the NTK-aware merges) cost their own direction.
+Task-arithmetic merges θ0 + Σ_t α_t τ_t are linear in the α's to first order, so J·τ_t per task predicts
+every coefficient setting; the second-order term along Σ τ (float64 central differences) scales with λ².
+Other methods (TIES, TSV, the NTK-aware merges) cost their own direction. With the second order everything
+comes from one float64 copy of each task model: f(θ0), one forward per τ_t (one-sided difference: J·τ_t)
+and two per other direction (central: J·Δ and D²f[Δ, Δ]); first order only, from one batched float32 JVP.
 """
 
 from __future__ import annotations
@@ -53,40 +55,36 @@ class Derivatives:
 
 def derivative_phase(ctx: Context, second_dirs: dict[str, dict], second_order: bool = True,
                      progress: bool = True, max_memory=None) -> Derivatives:
-    """One batched JVP per task along every τ_t, and first + second order along each of ``second_dirs``
-    (``{name: Δ}``; ``sum`` = Σ τ and the non-task-arithmetic merges); ``max_memory``: the JVPs' budget
-    (:func:`taskvec.linearize.jvp_many`)."""
+    """J·τ_t per task along every τ_t, and first + second order along each of ``second_dirs`` (``{name: Δ}``;
+    ``sum`` = Σ τ and the non-task-arithmetic merges): float64 differences (module docstring), or without
+    ``second_order`` batched JVPs within ``max_memory`` (:func:`taskvec.linearize.jvp_many`)."""
     from tqdm.auto import tqdm
 
     tick = time.time()
     dir_specs = {f"tau:{t}": ctx.vectors[t].deltas for t in ctx.names}
     D: dict[str, Directional] = {}
     for s in tqdm(ctx.names, desc="linearised predictions", disable=not progress):
-        d1 = directional_outputs(ctx.models[s], ctx.eval_batches[s], dir_specs, device=ctx.device,
-                                 max_memory=max_memory)
-        d2 = directional_outputs(ctx.models[s], ctx.eval_batches[s], second_dirs, second_order=second_order,
-                                 device=ctx.device, max_memory=max_memory)
-        d1.jvps.update(d2.jvps)
-        d1.hvps.update(d2.hvps)
-        D[s] = d1
+        if second_order:  # one float64 copy and f(θ0): central differences + one-sided ones along the τ's
+            D[s] = directional_outputs(ctx.models[s], ctx.eval_batches[s], second_dirs, second_order=True,
+                                       device=ctx.device, first_only=dir_specs)
+        else:  # first order only: batched float32 JVPs
+            D[s] = directional_outputs(ctx.models[s], ctx.eval_batches[s], {**dir_specs, **second_dirs},
+                                       device=ctx.device, max_memory=max_memory)
         if ctx.ledger is not None:
             _count(ctx, s, len(dir_specs), len(second_dirs), second_order)
     return Derivatives(list(ctx.names), D, second_order, time.time() - tick)
 
 
 def _count(ctx: Context, s: str, n_tau: int, n_second: int, second_order: bool) -> None:
-    """What :func:`derivative_phase` spent on task ``s`` (see :mod:`~taskvec.validation.costs`): a batched JVP
-    along the τ's (one primal pass + its tangents), then along the other directions float64 central
-    differences (one forward at θ0 + two per direction, and the float32 f0) or, first order only, JVPs."""
+    """What :func:`derivative_phase` spent on task ``s`` (see :mod:`~taskvec.validation.costs`): with the second
+    order, the float32 f0 and float64 forwards — one at θ0, one per τ (one-sided), two per other direction
+    (central); first order only, one batched JVP (a primal pass + a tangent per direction)."""
     n = len(ctx.eval_batches[s].indices)
     ctx.ledger.add("forward", n)
-    ctx.ledger.add("jvp_tangents", n, n_tau)
     if second_order:
-        ctx.ledger.add("forward", n)
-        ctx.ledger.add("forward64", n, 1 + 2 * n_second)
-    elif n_second:
-        ctx.ledger.add("forward", n)
-        ctx.ledger.add("jvp_tangents", n, n_second)
+        ctx.ledger.add("forward64", n, 1 + n_tau + 2 * n_second)
+    else:
+        ctx.ledger.add("jvp_tangents", n, n_tau + n_second)
 
 
 @dataclass
