@@ -5,8 +5,8 @@ same command run again finishes with the results of an uninterrupted run.
 The interruption points are exact, not timed: the test-only hook of :mod:`taskvec.io`
 (``TASKVEC_TEST_HOLD=GLOB#N``) stops the N-th atomic write whose destination matches ``GLOB`` once its
 content is written and before it is renamed into place, and writes ``TASKVEC_TEST_HOLD_READY``; the test
-then sends the signal. The points: the second resumable fine-tuning checkpoint of a task (``.beta.ckpt``,
-so a rerun resumes mid-task from the first), a merged model directory, and the validation results file.
+then sends the signal. The points: the second resumable fine-tuning checkpoint of each task (so a rerun
+resumes mid-task from the first), each merged model directory, and the validation results file.
 
 The reference is the same pipeline run uninterrupted into the same path (then moved aside), so paths
 recorded in the outputs match too: the task vectors and merged weights must be bit-identical, the
@@ -47,8 +47,8 @@ def _config(tmp: Path, model) -> Path:
         p.write_text("text,label\n" + "".join(f'"{x}",{t.label_names[y]}\n' for x, y in zip(t.texts, t.labels)))
         paths.append(str(p))
     cfg = {"model": str(model), "tasks": paths, "stages": ["finetune", "vectors", "merge", "validate"],
-           # no early stop: every task runs its 9 steps, with a checkpoint at steps 3 and 6
-           "finetune": {"max_steps": 9, "eval_every": 3, "lr": 3e-3, "test_size": 20, "val_size": 10,
+           # no early stop: every task runs its 6 steps (8 batches an epoch), with checkpoints at steps 2 and 4
+           "finetune": {"max_steps": 6, "eval_every": 2, "lr": 3e-3, "test_size": 20, "val_size": 10,
                         "batch_size": 8, "early_stopping": [], "device": "cpu"},
            "merge": {"methods": [{"method": "task_arithmetic", "lambda": 0.5},
                                  {"method": "ties", "density": 0.5}]},
@@ -191,20 +191,22 @@ def _rerun_equals_reference(root: Path, cfg: Path) -> None:
     shutil.rmtree(out)
 
 
-@pytest.mark.parametrize("signals", [(signal.SIGKILL, signal.SIGINT, signal.SIGKILL),
-                                     (signal.SIGINT, signal.SIGKILL, signal.SIGINT)],
-                         ids=["kill-int-kill", "int-kill-int"])
-def test_an_interrupted_pipeline_resumes_to_the_uninterrupted_results(reference, signals):
-    """One run interrupted three times (mid fine-tuning, mid merge, mid validation), each rerun resuming
-    where the last stopped; then a rerun finishes with the uninterrupted results."""
+def test_an_interrupted_pipeline_resumes_to_the_uninterrupted_results(reference):
+    """One run interrupted six times, by SIGINT and by SIGKILL during fine-tuning, merging and validation,
+    each rerun resuming where the last stopped; then a rerun finishes with the uninterrupted results."""
     root, cfg = reference
-    points = ["*/finetune/*.beta.ckpt*/state.json#2",  # beta's second checkpoint (step 6): resume from step 3
-              "*/merges/ties*",  # the second merge, all its files written, before its rename
-              "*/validation/results.json"]
-    for hold, sig in zip(points, signals):
+    points = [  # where, and the signal; each rerun resumes from what the one before left
+        ("*/finetune/*.alpha.ckpt*/state.json#2", signal.SIGINT),  # alpha's checkpoint of step 4: resumed at 2
+        ("*/finetune/*.beta.ckpt*/state.json#2", signal.SIGKILL),  # alpha finished (reused), beta mid-task
+        ("*/merges/task_arithmetic*", signal.SIGKILL),  # the first merge, its files written, before its rename
+        ("*/merges/ties*", signal.SIGINT),  # the second merge (the first is reused)
+        ("*/validation/results.json", signal.SIGKILL),
+        ("*/validation/results.json", signal.SIGINT),
+    ]
+    for hold, sig in points:
         _interrupt(root, cfg, hold, sig)
     beta_log = json.loads((root / "reference" / "finetune" / "beta" / "log.json").read_text())
-    assert beta_log["steps"] == 9  # the interrupted task had more steps to run
+    assert beta_log["steps"] == 6  # the interrupted tasks had more steps to run than their checkpoints
     _rerun_equals_reference(root, cfg)
 
 
