@@ -124,3 +124,20 @@ def test_cli_allow_pickle_on_every_command_that_loads_a_model(tiny_bert, tmp_pat
     merged, base = Checkpoint(tmp_path / "merged"), load_file(tiny_bert / "model.safetensors")
     assert sorted(merged.info) == sorted(base)
     assert all(torch.equal(merged.get(k), base[k]) for k in base)  # the pickle base equals the other input: τ = 0
+
+
+def test_a_split_too_small_for_every_class_names_the_setting(tiny_bert, tmp_path, capsys):
+    from conftest import toy_task
+
+    t = toy_task("toy", n=60)
+    data = tmp_path / "toy.csv"
+    data.write_text("text,label\n" + "".join(f'"{x}",{t.label_names[y]}\n' for x, y in zip(t.texts, t.labels)))
+    for flag, what in (("--val-size", "validation"), ("--test-size", "test")):
+        out = tmp_path / "run"
+        argv = ["finetune", "--model", str(tiny_bert), "--tasks", str(data), "--out", str(out), flag, "0"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert (f"task 'toy': a {what} split of 1 example cannot hold each of its 2 classes; "
+                f"{flag[2:].replace('-', '_')} must be at least 2") in err, err
+        assert not out.exists()
