@@ -303,7 +303,7 @@ def test_validate_write_best_writes_the_recommended_merge_with_its_measured_accu
     from taskvec.cli import main
     from taskvec.validation.best import annotate_cards, candidates, merge_config, recommended
 
-    shutil.copytree(tiny_run, tmp_path / "run")
+    shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("validation"))  # other tests' results
     root, out = tmp_path / "run", tmp_path / "best"
     argv = ["validate", str(root), "--n-eval", "24", "--n-kernel", "6", "--rank", "2", "--write-best", str(out)]
     assert main(argv) == 0
