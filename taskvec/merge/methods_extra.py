@@ -218,20 +218,23 @@ def multislerp(base, deltas, weights, *, normalize_weights=True, eps=1e-8):
     return M.mul_(sum(wi * n for wi, n in zip(w, norms)) / m_norm)
 
 
-def karcher(base, deltas, weights, *, max_iter=10, tol=1e-5):
+def karcher(base, deltas, weights, *, max_iter=10, tol=1e-5, include_base=True):
     """Karcher (Riemannian) mean of the models' weights θ_t = θ0 + τ_t on the sphere, rescaled (mergekit's).
 
     Directions u_t = θ_t/‖θ_t‖ of the models with ‖θ_t‖ > tol, weights a_t = w_t/Σw (renormalised over
     them); start at the normalised Σ a_t u_t and iterate at most ``max_iter`` times: the tangent
     T = Σ a_t (Ω_t / sin Ω_t)(u_t − cos Ω_t·u) over the u_t with Ω_t = arccos⟨u, u_t⟩ ≥ tol; stop if
     ‖T‖ < tol, else u ← normalise(cos‖T‖·u + sin‖T‖·T/‖T‖). Result s·u with s = Σ_t (w_t/Σw)·‖θ_t‖.
-    mergekit weighs the models equally (the default weights 1); the base takes part only if listed.
+    mergekit weighs the models equally (the default weights 1). With ``include_base`` (default, as mergekit
+    0.1.5 does whenever a ``base_model`` is given) the base θ0 is one more point of the mean, of weight 1.
 
     Args:
         base: θ0, shape S. deltas: T τ of shape S (overwritten). weights: T floats ≥ 0, Σ > 0.
     Returns:
         Δ = s·u − θ0, shape S.
     """
+    if include_base:
+        deltas, weights = [torch.zeros_like(base), *deltas], [1.0, *weights]
     if len(deltas) == 1:
         return deltas[0]
     w = [float(x) for x in weights]
@@ -520,7 +523,8 @@ for _m in [
     Method("karcher", karcher, (
         Param("weight", 1.0, _number, per_model=True, doc="weight of the model in the mean (mergekit: equal)"),
         Param("max_iter", 10, _count, doc="maximum iterations"),
-        Param("tol", 1e-5, _positive, doc="convergence tolerance")),
+        Param("tol", 1e-5, _positive, doc="convergence tolerance"),
+        Param("include_base", True, _boolean, doc="the base is a point of the mean, weight 1 (mergekit 0.1.5)")),
            "Karcher (Riemannian) mean of the models' weights", drops=True),
     Method("model_stock", model_stock, (
         NO_WEIGHT, Param("filter_wise", False, _boolean, doc="one interpolation factor per row")),

@@ -18,11 +18,12 @@ LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
 def layer_position(name: str, num_layers: int) -> float:
-    """t ∈ [0, 1] for gradients: layer i of L gives i/(L−1); embeddings 0; other non-layer tensors 1."""
+    """t ∈ [0, 1] for gradients: layer i of L gives i/(L−1); every tensor outside the layers (embeddings,
+    final norm, LM head) 0 — mergekit 0.1.5 reads the parameters of its pre- and post-weights at t = 0."""
     m = LAYER_INDEX.search(name)
     if m:
         return int(m.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
-    return 0.0 if any(h in name for h in ("embed", "wte", "wpe")) and "lm_head" not in name else 1.0
+    return 0.0
 
 
 def tensor_seed(seed: int, name: str) -> int:

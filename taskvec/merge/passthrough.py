@@ -209,7 +209,6 @@ def plan(cfg) -> LayerPlan:
     """Resolve every slice against its model's headers; MergeError for ranges out of bounds, unknown
     models, layers whose tensors or widths differ from the output model's. Reads no tensor data."""
     from .engine import _check_vocab
-    from .params import layer_position
 
     cache: dict = {}
     base_given = cfg.base_model is not None
@@ -249,7 +248,7 @@ def plan(cfg) -> LayerPlan:
     for n in donor_names:
         if n not in donor.other:
             continue
-        is_pre = layer_position(n, 2) == 0.0
+        is_pre = any(h in n for h in ("embed", "wte", "wpe")) and "lm_head" not in n  # mergekit's pre-weights
         end, m = ends[is_pre]
         sl = cfg.slices[end]
         if n not in m.other:
