@@ -142,6 +142,7 @@ def main(argv=None) -> int:
                    help="search budgets as multiples of the prediction's cost")
     p.add_argument("--max-evaluations", type=int, default=None, help="cap every budget (a quick look)")
     p.add_argument("--results-dir", default=str(ROOT / "analysis" / "results"))
+    p.add_argument("--readme", action="store_true", help="replace README.md's search-<name> section with the table")
     a = p.parse_args(argv)
     try:
         import cma  # noqa: F401
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
     grid_best = max(grid, key=lambda g: g[0])
     rows, curves = [], {}
     for method, runs in traces.items():
-        dense = sorted(set(list(range(1, budgets[-1] + 1, max(1, budgets[-1] // 40))) + budgets))
+        dense = sorted(set(np.unique(np.geomspace(1, budgets[-1], 8).round().astype(int)).tolist() + budgets))
         curves[method] = {b: [obj.heldout(tr[b - 1][1]) for tr in runs] for b in dense}
     for f, b in zip(factors, budgets):
         cells = [f"{f:g}× ({b} evaluations)"]
@@ -212,6 +213,11 @@ def main(argv=None) -> int:
     (res_dir / f"search_vs_prediction_{name}.json").write_text(json.dumps(data, indent=1))
     (res_dir / f"search_vs_prediction_{name}.md").write_text(text)
     _plot(curves, pred_fpe, pred_h, obj.heldout(grid_best[1]), res_dir / f"search_vs_prediction_{name}.png", name)
+    if a.readme:
+        from taskvec.io import replace_marked_section
+
+        replace_marked_section(ROOT / "README.md", f"search-{name}",
+                               text + f"\n![quality vs compute](analysis/results/search_vs_prediction_{name}.png)\n")
     return 0
 
 
