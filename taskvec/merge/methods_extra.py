@@ -95,10 +95,10 @@ def slerp(base, deltas, weights, *, t=0.5):
 def slerp_stats(base, deltas) -> torch.Tensor:
     """The sums slerp needs, additive over any split of the entries (the engine streams them by chunk):
     float64 ``[Σθ0², then per input: Σθ_t², Σθ0·θ_t, #(τ_t ≠ 0)]`` with θ_t = θ0 + τ_t."""
-    out = [(base.to(F64) ** 2).sum()]
+    out = [(base * base).sum(dtype=F64)]
     for d in deltas:
         other = base + d
-        out += [(other.to(F64) ** 2).sum(), (base * other).sum(dtype=F64), d.ne(0).sum().to(F64)]
+        out += [(other * other).sum(dtype=F64), (base * other).sum(dtype=F64), d.ne(0).sum().to(F64)]
     return torch.stack(out)
 
 
@@ -319,7 +319,7 @@ def _stock_mean(rows: list[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
 def model_stock_stats(base, deltas) -> torch.Tensor:
     """The sums model_stock (whole-tensor form) needs, additive over any split of the entries: float64
     ``[‖τ_i‖² for each i, then ⟨τ_i, τ_j⟩ for i < j]``."""
-    out = [(d.to(F64) ** 2).sum() for d in deltas]
+    out = [(d * d).sum(dtype=F64) for d in deltas]
     out += [(deltas[i] * deltas[j]).sum(dtype=F64) for i in range(len(deltas)) for j in range(i + 1, len(deltas))]
     return torch.stack(out)
 
