@@ -28,7 +28,7 @@ def streamed(p, name: str, raw: torch.Tensor, model_params, global_params, t: fl
     is in cache. Memory: the output tensor plus the inputs' mapped pages.
     """
     from . import methods
-    from .methods import combine, outlier_counts, select_topk
+    from .methods import combine
 
     CHUNK = methods.CHUNK
 
@@ -37,18 +37,7 @@ def streamed(p, name: str, raw: torch.Tensor, model_params, global_params, t: fl
     work = torch.float64 if raw.dtype == torch.float64 else torch.float32
     n = raw.numel()
     bflat = raw.reshape(-1)
-    xs, is_delta, labels = [], [], []  # per input: flat tensor (θ_t, or τ_t for vectors/LoRA) or None
-    for inp in p.inputs:
-        if name in inp.lora:
-            xs.append(inp.adapter.delta(inp.lora[name]).reshape(-1))
-            labels.append((inp.lora[name], inp.path))
-        elif name in inp.keys:
-            xs.append(inp.ckpt.get(inp.keys[name]).reshape(-1))
-            labels.append((inp.keys[name], inp.ckpt.where[inp.keys[name]]))
-        else:
-            xs.append(None)
-            labels.append(None)
-        is_delta.append(inp.kind != "model")
+    xs, is_delta, labels = _inputs(p, name)
 
     def delta(i, a, b, bc):
         x = xs[i]
@@ -62,21 +51,9 @@ def streamed(p, name: str, raw: torch.Tensor, model_params, global_params, t: fl
     with chunk_workers() as pmap:
         rules = [None] * len(xs)
         if method.stream in ("magnitude", "outliers"):
-            for i, x in enumerate(xs):
-                density = per_model["density"][i]
-                if x is None or density >= 1:
-                    continue
-                sample = None
-                if n >= methods.SAMPLE_MIN_N:  # |τ| at random positions (only speeds up the exact selection)
-                    idx = torch.randint(0, n, (methods.SAMPLE_SIZE,), generator=torch.Generator().manual_seed(n))
-                    xv = x[idx].to(work)
-                    sample = (xv if is_delta[i] else xv - bflat[idx].to(work)).abs_().sort().values
-                if method.stream == "magnitude":
-                    rules[i] = (select_topk(abs_chunk(i), n, max(1, int(density * n)), sample, pmap), None)
-                else:
-                    keep, top = outlier_counts(n, density, per_model["gamma"][i])
-                    rules[i] = (select_topk(abs_chunk(i), n, keep + top, sample, pmap),
-                                select_topk(abs_chunk(i), n, top, sample, pmap) if top else None)
+            rules = [None if x is None or per_model["density"][i] >= 1 else
+                     _pruning_rule(method.stream, x, is_delta[i], bflat, work, abs_chunk(i), per_model, i, pmap)
+                     for i, x in enumerate(xs)]
         kw = {k: v for k, v in params.items() if k not in ("int8_mask", "seed")}
         coef = None
         if method.stream == "reduce":  # pass 1: the tensor's sums, chunk by chunk (added in order)
@@ -124,6 +101,43 @@ def streamed(p, name: str, raw: torch.Tensor, model_params, global_params, t: fl
         for _ in pmap(one_chunk, range(0, n, CHUNK)):
             pass
     return out
+
+
+def _inputs(p, name: str) -> tuple[list, list[bool], list]:
+    """Per input: its flat tensor for ``name`` (θ_t, or τ_t for task vectors / LoRA; None when it lacks
+    it), whether that is already a delta, and ``(key, file)`` to name it in errors."""
+    xs, is_delta, labels = [], [], []
+    for inp in p.inputs:
+        if name in inp.lora:
+            xs.append(inp.adapter.delta(inp.lora[name]).reshape(-1))
+            labels.append((inp.lora[name], inp.path))
+        elif name in inp.keys:
+            xs.append(inp.ckpt.get(inp.keys[name]).reshape(-1))
+            labels.append((inp.keys[name], inp.ckpt.where[inp.keys[name]]))
+        else:
+            xs.append(None)
+            labels.append(None)
+        is_delta.append(inp.kind != "model")
+    return xs, is_delta, labels
+
+
+def _pruning_rule(kind: str, x, is_delta: bool, bflat, work, abs_chunk, per_model: dict, i: int, pmap):
+    """Input ``i``'s streaming pruning rule: ``(keep, drop-or-None)`` top-k rules over |τ_i| — the top
+    ``density`` share (``magnitude``), or breadcrumbs' kept band minus its ``gamma`` outliers (``outliers``)."""
+    from . import methods
+    from .methods import outlier_counts, select_topk
+
+    n, density = bflat.numel(), per_model["density"][i]
+    sample = None
+    if n >= methods.SAMPLE_MIN_N:  # |τ| at random positions (only speeds up the exact selection)
+        idx = torch.randint(0, n, (methods.SAMPLE_SIZE,), generator=torch.Generator().manual_seed(n))
+        xv = x[idx].to(work)
+        sample = (xv if is_delta else xv - bflat[idx].to(work)).abs_().sort().values
+    if kind == "magnitude":
+        return select_topk(abs_chunk, n, max(1, int(density * n)), sample, pmap), None
+    keep, top = outlier_counts(n, density, per_model["gamma"][i])
+    return (select_topk(abs_chunk, n, keep + top, sample, pmap),
+            select_topk(abs_chunk, n, top, sample, pmap) if top else None)
 
 
 _POOL: dict[int, ThreadPoolExecutor] = {}
