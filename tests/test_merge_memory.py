@@ -9,27 +9,16 @@ from safetensors.torch import load_file
 from taskvec.merge import MergeError, MergeSpec, merge, merge_vectors
 from taskvec.task_vector import TaskVector
 
+from conftest import llama_family
+
 LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=64, max_position_embeddings=32, tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("mem_llamas")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**LLAMA))
-    model.save_pretrained(root / "base")
-    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    fts = []
-    for i in range(3):
-        g = torch.Generator().manual_seed(i + 1)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(base[n] + 0.02 * torch.randn(p.shape, generator=g))
-        model.save_pretrained(root / f"ft{i}")
-        fts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    base, fts = llama_family(root, LLAMA)
     return root, base, fts
 
 

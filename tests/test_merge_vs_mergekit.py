@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 
 from taskvec.merge import merge
 
+from conftest import llama_family
+
 MERGEKIT = Path(os.environ.get("TASKVEC_MERGEKIT", "/tmp/mk-venv/bin/mergekit-yaml"))
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not MERGEKIT.is_file(), reason="mergekit 0.1.5 not installed (set TASKVEC_MERGEKIT)")]
@@ -31,19 +33,8 @@ LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "n
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("vs_mergekit")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**LLAMA))
-    model.save_pretrained(root / "base")
-    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for i in range(3):
-        g = torch.Generator().manual_seed(i + 1)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(base[n] + 0.02 * torch.randn(p.shape, generator=g))
-        model.save_pretrained(root / f"ft{i}")
+    llama_family(root, LLAMA)
     return root
 
 
