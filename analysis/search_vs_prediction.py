@@ -63,9 +63,7 @@ class Objective:
         self._held: dict[tuple, float] = {}
 
     def delta(self, c) -> dict:
-        ctx = self.ctx
-        return {k: sum(float(c[i]) * ctx.vectors[t].deltas[k].float() for i, t in enumerate(self.names)
-                       if k in ctx.vectors[t].deltas) for k in ctx.keys}
+        return self.ctx.combination({t: float(c[i]) for i, t in enumerate(self.names)})
 
     def measured(self, c) -> float:
         self.evaluations += 1

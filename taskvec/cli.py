@@ -243,7 +243,8 @@ def cmd_validate(a) -> int:
             check_output(a.write_best, a.overwrite)
         res = validate_run(run, out=out, n_eval=a.n_eval, n_kernel=a.n_kernel, rank=a.rank,
                            second_order=not a.first_order, max_uncertainty=a.max_uncertainty, device=a.device,
-                           overwrite=a.overwrite)
+                           overwrite=a.overwrite, n_probe=a.n_probe, probe_max_uncertainty=a.probe_max_uncertainty,
+                           precision=a.precision)
         print(summary_markdown({"validation": res}))
         if a.write_best:
             from .validation.best import write_best
@@ -344,6 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trust threshold: a prediction is trusted when at most this many accuracy points of its "
                         "examples could flip under the neglected higher-order terms")
     s.add_argument("--first-order", action="store_true", help="skip the second-order term (no trust signal: every prediction is flagged)")
+    s.add_argument("--n-probe", type=int, default=None,
+                   help="evaluation examples per task on which a merge whose Taylor prediction is flagged is "
+                        "measured first, to calibrate the expansion (default n_eval/5, at most 100; 0: Taylor only)")
+    s.add_argument("--probe-max-uncertainty", type=float, default=3.0,
+                   help="trust threshold of the probe-calibrated predictions (points: two standard errors)")
+    s.add_argument("--precision", choices=("float64", "float32"), default="float64",
+                   help="precision of the finite differences of the predictions (float32: half the cost)")
     s.add_argument("--device", default=None)
     s.add_argument("--write-best", default=None, metavar="DIR",
                    help="also write the best measured merge as a merged model directory (heads, model card with "

@@ -383,12 +383,16 @@ def forward_outputs(model: nn.Module, batches, device=None) -> tuple[torch.Tenso
 
 
 FD_FIRST_STEP = 1e-5  # step of the one-sided float64 differences for first-order-only directions
+#: (central step h, one-sided step h1) of the finite differences per precision: float64 by default; float32
+#: halves the cost at relative errors of about 1e-3 of the terms (measured on MiniLM: docs/validation.md)
+FD_STEPS = {torch.float64: (1e-3, FD_FIRST_STEP), torch.float32: (3e-2, 3e-3)}
 
 
 @torch.no_grad()
 def finite_difference_derivatives(model: nn.Module, batches, directions: dict[str, dict[str, torch.Tensor]],
                                   h: float = 1e-3, device=None, first_only: dict | None = None,
-                                  h1: float = FD_FIRST_STEP) -> tuple[dict, dict]:
+                                  h1: float = FD_FIRST_STEP, dtype: torch.dtype = torch.float64
+                                  ) -> tuple[dict, dict]:
     """J·Δ_d and D²f[Δ_d, Δ_d] for every direction by central differences of float64 forward passes.
 
     On a float64 copy of ``model``: ``(f(θ0 + hΔ) − f(θ0 − hΔ)) / 2h`` and
@@ -407,7 +411,7 @@ def finite_difference_derivatives(model: nn.Module, batches, directions: dict[st
     """
     import copy
 
-    m64 = copy.deepcopy(model).double().eval()
+    m64 = copy.deepcopy(model).to(dtype).eval()
     if device is not None:
         m64 = m64.to(device)
     named = dict(m64.named_parameters())
@@ -439,8 +443,8 @@ def finite_difference_derivatives(model: nn.Module, batches, directions: dict[st
 
 def directional_outputs(model: nn.Module, batches, directions: dict[str, dict[str, torch.Tensor]],
                         second_order: bool = False, device=None, batched: bool = True,
-                        second_order_method: str = "fd", fd_step: float = 1e-3, max_memory=None,
-                        first_only: dict | None = None) -> Directional:
+                        second_order_method: str = "fd", fd_step: float | None = None, max_memory=None,
+                        first_only: dict | None = None, fd_dtype: torch.dtype = torch.float64) -> Directional:
     """f0 and J·Δ_d (and D²f[Δ_d, Δ_d] with ``second_order``) for every direction ``d`` over all batches.
 
     First order only: forward-mode JVPs, all directions of a batch together (:func:`jvp_many`, one shared
@@ -450,7 +454,8 @@ def directional_outputs(model: nn.Module, batches, directions: dict[str, dict[st
     several times slower). ``f0`` is always the float32 forward pass. ``max_memory``: the budget of each
     batch's batched JVP (:func:`jvp_many`; bytes or ``"4GB"``, default :func:`default_jvp_budget`).
     ``first_only`` (with the ``"fd"`` second order): more directions that get J·Δ alone, from one-sided
-    float64 differences sharing the float64 f(θ0) (:func:`finite_difference_derivatives`).
+    float64 differences sharing the float64 f(θ0) (:func:`finite_difference_derivatives`). ``fd_dtype``: the
+    precision of the differences (steps from :data:`FD_STEPS` unless ``fd_step`` is given).
     """
     if second_order_method not in ("fd", "jvp"):
         raise TaskvecError(f"second_order_method must be 'fd' or 'jvp', got {second_order_method!r}")
@@ -458,8 +463,10 @@ def directional_outputs(model: nn.Module, batches, directions: dict[str, dict[st
     nested = second_order and not use_fd
     if use_fd or not directions:
         f0, labels = forward_outputs(model, batches, device)
-        jvps, hvps = (finite_difference_derivatives(model, batches, directions, h=fd_step, device=device,
-                                                    first_only=first_only) if use_fd else ({}, {}))
+        h, h1 = FD_STEPS.get(fd_dtype, FD_STEPS[torch.float64])
+        jvps, hvps = (finite_difference_derivatives(model, batches, directions, h=fd_step or h, device=device,
+                                                    first_only=first_only, h1=h1, dtype=fd_dtype)
+                      if use_fd else ({}, {}))
         return Directional(f0.float(), labels, jvps, hvps)
     if first_only:
         raise TaskvecError("first_only directions need second_order=True with second_order_method='fd'")

@@ -293,6 +293,11 @@ def summary_tables(val: dict) -> list[tuple[list[str], list[list[str]]]]:
               f"{'second' if order2 else 'first'} order)"), num("spearman_change")]]
     if order2 and s.get("spearman_change_1st") is not None:
         rows.append(["same, first order only", num("spearman_change_1st")])
+    if s.get("n_probed"):
+        rows += [["same, the Taylor expansion everywhere (no probes)", num("spearman_change_taylor")],
+                 ["flagged expansions replaced by probe-calibrated predictions (probe.py)",
+                  f"{s['n_probed']} (MAE {s['mae_points_probed']:.2f} points; Taylor there "
+                  f"{s['mae_points_taylor']:.2f} over all)"]]
     rows += [
         ["mean absolute error, all predictions (points)",
          (f"{s['mae_points']:.2f} (first order {s['mae_points_1st']:.2f}; no-change baseline "
@@ -495,13 +500,15 @@ def _validation_section(val: dict, figs: dict) -> list[str]:
     for m in val["merges"]:
         for t, e in m["per_task"].items():
             unc = e.get("uncertainty")
+            probed = e.get("predictor") == "probe"
             rows.append([m["name"], t, _pct(e["base"]), _pct(e["predicted_1st"]), _pct(e.get("predicted_2nd")),
+                         _pct(e["predicted"]) if probed else "–",
                          "–" if unc is None else f"±{unc:.1f}", _pct(e["measured"]),
                          "yes" if e["trusted"] else "UNTRUSTED", f"{e['lin_error']:.2f}",
                          _pct(e["normalized_measured"])])
     parts.append(_table(rows, ["merge", "task", "base %", "predicted, 1st order %", "predicted, 2nd order %",
-                               "uncertainty (points)", "measured %", "trusted", "measured lin. error",
-                               "normalized %"], left=(0, 1, 7)))
+                               "probe-calibrated %", "uncertainty (points)", "measured %", "trusted",
+                               "measured lin. error", "normalized %"], left=(0, 1, 8)))
     calib = val["summary"].get("calibration")
     if calib:
         parts.append("<p class='note'>Calibration of the trust signal: mean and largest absolute error of the "

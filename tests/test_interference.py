@@ -66,8 +66,13 @@ def test_validate_run_end_to_end(tiny_run):
     for m in r["merges"]:
         for e in m["per_task"].values():
             assert 0 <= e["predicted"] <= 1 and 0 <= e["measured"] <= 1 and e["lin_error"] >= 0
-            assert e["predicted"] == e["predicted_2nd"]  # the headline prediction is the second-order one
-            assert e["trusted"] == (e["uncertainty"] <= 1.0 and e["curvature"] < 1)
+            if e["predictor"] == "taylor":  # the headline: second order where the band trusts it
+                assert e["predicted"] == e["predicted_2nd"]
+                assert e["trusted"] == (e["uncertainty"] <= 1.0 and e["curvature"] < 1)
+            else:  # flagged: calibrated on a probe of the merged model (probe.py), the expansion kept beside it
+                assert e["predictor"] == "probe" and e["predicted_taylor"] == e["predicted_2nd"]
+                assert not e["trusted_taylor"] and e["trusted"] == (e["uncertainty"] <= 1.0)
+                assert e["probe"]["n_probe"] == r["n_probe"] == 4
     eig = r["eigen"]
     assert np.allclose(np.diag(eig["overlap"]), 1.0)
     assert all(0 <= x <= 1 + 1e-9 for row in eig["overlap"] for x in row)

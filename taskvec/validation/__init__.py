@@ -38,7 +38,7 @@ from .context import Context, load_context
 from .costs import Ledger, prediction_cost
 from .eigen import EigenPhase, eigenspace_phase
 from .heldout import holdout_phase
-from .measure import interference_phase, measure_merges, measure_singles
+from .measure import interference_phase, measure_merges, measure_singles, predict_and_measure
 from .predict import Derivatives, Scorer, derivative_phase
 from .summary import summarize, weight_space
 
@@ -90,6 +90,11 @@ class ValidationResult(dict):
         return f"<table><caption>taskvec validation</caption>{rows}</table>"
 
 
+def default_probe_size(n_eval: int) -> int:
+    """Probe examples per task: a fifth of the evaluation subset, at most 100 (analysis/beyond_linear.py)."""
+    return min(100, max(1, n_eval // 5))
+
+
 def _merge_delta(ctx: Context, tvs: list, m: MergeSpec) -> dict:
     """The merged delta of one configured merge, in memory; data-aware methods (``fisher``, ``regmean``) take
     their statistics from the run's tasks, as ``taskvec merge`` with ``run:`` does."""
@@ -120,11 +125,11 @@ def _ntk_aware_merges(ctx: Context, der: Derivatives, scorer: Scorer, eig: Eigen
     out = []
     for name, method in (("ntk_sum", "ntk_aware"), ("ntk_harm_sum", "ntk_aware_harmful")):
         delta = scale_deltas(eig.directions[name], lam)
-        per = scorer.record(*der.merge_terms(name, lam), ctx.measure(delta))
+        per = predict_and_measure(ctx, scorer, der.merge_terms(name, lam), delta)
         out.append({"name": f"{method} λ={lam:g}", "method": method, "params": {"lambda": lam}, "per_task": per})
         built[out[-1]["name"]] = delta
     delta = scale_deltas(ctx.sum_tau, lam)
-    per = scorer.record(*der.ta_terms({t: lam for t in ctx.names}), ctx.measure(delta))
+    per = predict_and_measure(ctx, scorer, der.ta_terms({t: lam for t in ctx.names}), delta)
     out.append({"name": f"task_arithmetic λ={lam:g}", "method": "task_arithmetic", "params": {"lambda": lam},
                 "per_task": per})
     built[out[-1]["name"]] = delta
@@ -135,7 +140,9 @@ def validate_run(run, merges: list[MergeSpec] | None = None, n_eval: int = 500, 
                  rank: int = 20, lambdas: list[float] | None = None, second_order: bool = True,
                  max_uncertainty: float = 1.0, ntk_aware: bool = True, device: str | None = None,
                  out: str | Path | None = None, progress: bool = True, overwrite: bool = False,
-                 n_holdout: int | None = None, max_memory: int | float | str | None = None) -> ValidationResult:
+                 n_holdout: int | None = None, max_memory: int | float | str | None = None,
+                 n_probe: int | None = None, probe_max_uncertainty: float = 3.0,
+                 precision: str = "float64") -> ValidationResult:
     """Predict, measure and explain merges of a run's task vectors; write ``RUN/validation/results.json``.
 
     Args:
@@ -157,6 +164,14 @@ def validate_run(run, merges: list[MergeSpec] | None = None, n_eval: int = 500, 
             claim is checked again (:mod:`~taskvec.validation.heldout`); default ``n_eval``; 0 skips it.
         max_memory: memory budget of the batched JVPs (bytes or ``"4GB"``; default 40% of available RAM /
             60% of free GPU memory; :func:`taskvec.linearize.jvp_many`). Config key ``validate.max_memory``.
+        n_probe: evaluation examples per task on which a merge whose Taylor prediction is flagged is measured
+            before the full measurement, to calibrate the expansion there (:mod:`~taskvec.validation.probe`);
+            default :func:`default_probe_size` (a fifth of ``n_eval``, at most 100); 0: Taylor only.
+        probe_max_uncertainty: trust threshold of the probe-calibrated predictions, in accuracy points (their
+            uncertainty is two standard errors of a sampling estimate, not the Taylor band's share of flippable
+            examples: its own threshold).
+        precision: of the finite differences of the predictions, ``"float64"`` (default) or ``"float32"``
+            (half the cost; see :func:`~taskvec.validation.predict.derivative_phase`).
     """
     t_start = time.time()
     if max_memory is not None:
@@ -172,7 +187,11 @@ def validate_run(run, merges: list[MergeSpec] | None = None, n_eval: int = 500, 
                            "prediction-chosen λ; drop them or keep ntk_aware=True")
     merges = [m for m in merges if m.name not in bad]  # built at the prediction-chosen λ below
     device = device_of(device)
-    ctx = load_context(run, n_eval, n_kernel, device, n_eval if n_holdout is None else n_holdout)
+    n_probe = default_probe_size(n_eval) if n_probe is None else int(n_probe)
+    if n_probe < 0:
+        raise TaskvecError(f"n_probe must be ≥ 0, got {n_probe}")
+    ctx = load_context(run, n_eval, n_kernel, device, n_eval if n_holdout is None else n_holdout,
+                       n_probe)
     tvs = [ctx.vectors[t] for t in ctx.names]
     led = ctx.ledger
     with led.phase("merge_directions"):  # every configured merge built in memory (fisher/regmean: + statistics)
@@ -181,9 +200,9 @@ def validate_run(run, merges: list[MergeSpec] | None = None, n_eval: int = 500, 
         eig = eigenspace_phase(ctx, rank, n_kernel, ntk_aware, progress)
     with led.phase("predictions"):
         der = derivative_phase(ctx, _second_order_directions(ctx, merges, merge_deltas, eig.directions),
-                               second_order, progress, max_memory=max_memory)
+                               second_order, progress, max_memory=max_memory, precision=precision)
     tick = time.time()
-    scorer = Scorer.from_derivatives(der, max_uncertainty)
+    scorer = Scorer.from_derivatives(der, max_uncertainty, probe_max_uncertainty)
     with led.phase("singles"):
         singles = measure_singles(ctx, scorer, progress)
     built: dict = {}
@@ -206,11 +225,12 @@ def validate_run(run, merges: list[MergeSpec] | None = None, n_eval: int = 500, 
         summary["heldout"] = heldout
         timings["heldout"] = time.time() - tick
     compute = led.to_json()
-    compute["prediction_fpe"] = prediction_cost(compute, ("predictions",))
+    compute["prediction_fpe"] = prediction_cost(compute, ("predictions", "probes"))
     compute["grid_fpe"] = float(coefficients["grid_evaluations"])
     results = ValidationResult({
         "run": str(run.root), "tasks": ctx.names, "n_eval": {s: len(ctx.eval_batches[s].indices) for s in ctx.names},
-        "device": str(device), "second_order": second_order,
+        "device": str(device), "second_order": second_order, "n_probe": n_probe, "probe_max_uncertainty": probe_max_uncertainty,
+        "precision": precision,
         "base_accuracy": scorer.base_acc, "finetuned_accuracy": dict(scorer.ft_acc),
         "finetuned_accuracy_full_test": {t: run.task(t).log.get("test_accuracy") for t in ctx.names},
         "merges": merge_results, "summary": summary, "interference": inter["interference"],

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .context import Context, scale_deltas
+from .measure import predict_and_measure
 from .predict import Derivatives, Scorer
 
 #: the global-λ grid the predictions are searched over (0.05 … 2.0)
@@ -52,16 +53,14 @@ def coefficient_phase(ctx: Context, der: Derivatives, scorer: Scorer, lambdas: l
     grid = []
     before = ctx.evaluations
     for lam in tqdm(lambdas, desc="λ grid (measured)", disable=not progress):
-        per = scorer.record(*der.ta_terms({t: lam for t in names}), ctx.measure(scale_deltas(ctx.sum_tau, lam)))
+        per = predict_and_measure(ctx, scorer, der.ta_terms({t: lam for t in names}), scale_deltas(ctx.sum_tau, lam))
         grid.append({"lambda": lam, "measured": _avg_norm(per, "measured", ft),
                      "predicted": _avg_norm(per, "predicted", ft), "per_task": per})
     grid_evals = ctx.evaluations - before
     lam_star, coefs = choose_coefficients(lambda cf: scorer.predicted_avg(*der.ta_terms(cf)), names)
     chosen = {}
     for label, cf in (("global", {t: lam_star for t in names}), ("per_task", coefs)):
-        delta = {k: sum(cf[t] * ctx.vectors[t].deltas[k].float() for t in names if k in ctx.vectors[t].deltas)
-                 for k in ctx.keys}
-        per = scorer.record(*der.ta_terms(cf), ctx.measure(delta))
+        per = predict_and_measure(ctx, scorer, der.ta_terms(cf), ctx.combination(cf))
         chosen[label] = {"coefficients": cf, "predicted": _avg_norm(per, "predicted", ft),
                          "measured": _avg_norm(per, "measured", ft), "per_task": per}
     best = max(grid, key=lambda g: g["measured"])

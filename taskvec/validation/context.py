@@ -69,6 +69,30 @@ class Context:
     holdout_batches: dict = field(default_factory=dict)  # {task: Batches} disjoint from eval_batches (may be {})
     holdout_evaluations: int = 0
     ledger: Ledger | None = None  # compute spent per phase (costs.py); made by load_context
+    probe_batches: dict = field(default_factory=dict)  # {task: Batches} of the probe examples (may be {})
+    probe_pos: dict = field(default_factory=dict)  # {task: (k,) positions of the probe rows in the eval outputs}
+
+    def combination(self, coefs: dict[str, float]) -> dict:
+        """Δ = Σ_t c_t·τ_t (float32, every tensor of :attr:`keys`) for ``coefs`` = ``{task: c_t}``."""
+        return {k: sum(float(c) * self.vectors[t].deltas[k].float() for t, c in coefs.items()
+                       if k in self.vectors[t].deltas) for k in self.keys}
+
+    def measure_probe(self, delta: dict | None, tasks) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{s: (positions (k,), logits (k, o))}`` of the merged model θ0 + ``delta`` on the probe examples of
+        each task s of ``tasks`` (:mod:`~taskvec.validation.probe`); counted as the ``probes`` phase."""
+        import contextlib
+
+        tasks = [s for s in tasks if s in self.probe_batches]
+        if not tasks:
+            return {}
+        with self.ledger.phase("probes") if self.ledger is not None else contextlib.nullcontext():
+            self.shared.set(delta)
+            res = {s: (self.probe_pos[s], forward_outputs(self.models[s], self.probe_batches[s], self.device)[0].float())
+                   for s in tasks}
+            self.shared.set(None)
+            if self.ledger is not None:
+                self.ledger.add("forward", sum(len(self.probe_batches[s].indices) for s in tasks))
+        return res
 
     def measure(self, delta: dict | None, holdout: bool = False, tasks=None) -> dict[str, torch.Tensor]:
         """Logits ``(n_s, o_s)`` of every task s (or of ``tasks``) on its evaluation subset — or on its held-out
@@ -92,9 +116,22 @@ class Context:
         return res
 
 
-def load_context(run: Run, n_eval: int, n_kernel: int, device, n_holdout: int = 0) -> Context:
+def probe_subset(run: Run, name: str, batches, k: int, seed: int = 0):
+    """``(positions (k,), Batches)``: k random examples of the evaluation ``batches`` of task ``name``
+    (:func:`~taskvec.validation.probe.probe_positions`), positions into the rows of the evaluation outputs
+    (their length-sorted iteration order), in the row order of the returned batches."""
+    from .probe import probe_positions
+
+    rows = [batches.indices[j] for j in batches.order(0)]  # dataset index of each output row
+    pos = probe_positions(len(rows), k, seed)
+    pb = run.batches(name, [rows[int(p)] for p in pos], sort_by_length=True)
+    return pos[torch.tensor(pb.order(0), dtype=torch.long)], pb
+
+
+def load_context(run: Run, n_eval: int, n_kernel: int, device, n_holdout: int = 0, n_probe: int = 0) -> Context:
     """θ0 task models, batches and task vectors of ``run`` for validation (see :class:`Context`);
-    ``n_holdout`` test examples per task beyond the evaluation subset for the held-out checks (0: none)."""
+    ``n_holdout`` test examples per task beyond the evaluation subset for the held-out checks (0: none);
+    ``n_probe`` of each task's evaluation examples as its probe (:mod:`~taskvec.validation.probe`; 0: none)."""
     names = run.names
     if len(names) < 2:
         raise TaskvecError(f"{run.root}: validation needs at least two tasks, found {names}")
@@ -113,9 +150,11 @@ def load_context(run: Run, n_eval: int, n_kernel: int, device, n_holdout: int = 
         idx = {t: run.holdout(t, n_eval, n_holdout) for t in names}
         if all(idx.values()):  # else a test split no larger than the evaluation subset: nothing to hold out
             holdout = {t: run.batches(t, idx[t], sort_by_length=True) for t in names}
+    probes = {t: probe_subset(run, t, eval_batches[t], n_probe) for t in names} if n_probe else {}
     return Context(run, names, device, vectors, models, eval_batches, kernel_batches, keys, shared, base_state,
                    sum_tau=sum_tau, holdout_batches=holdout,
-                   ledger=Ledger(sum(len(b.indices) for b in eval_batches.values())))
+                   ledger=Ledger(sum(len(b.indices) for b in eval_batches.values())),
+                   probe_batches={t: p[1] for t, p in probes.items()}, probe_pos={t: p[0] for t, p in probes.items()})
 
 
 def kernel_scope(run: Run, keys: list[str]) -> str:

@@ -66,9 +66,7 @@ def holdout_phase(ctx: Context, merge_results: list[dict], deltas: dict, coeffic
             rows.append(e)
 
     def avg_norm(cf) -> float:
-        delta = {k: sum(cf[t] * ctx.vectors[t].deltas[k].float() for t in names if k in ctx.vectors[t].deltas)
-                 for k in ctx.keys}
-        logits = ctx.measure(delta, holdout=True)
+        logits = ctx.measure(ctx.combination(cf), holdout=True)
         return float(np.mean([accuracy(logits[s], labels[s]) / ft[s] for s in names]))
 
     # each choice made on the evaluation subset — λ by measuring the grid there, coefficients by predicting —

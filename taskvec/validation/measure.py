@@ -28,6 +28,14 @@ def measure_singles(ctx: Context, scorer: Scorer, progress: bool = True) -> dict
     return singles
 
 
+def predict_and_measure(ctx: Context, scorer: Scorer, terms: tuple, delta: dict) -> dict:
+    """One merge θ0 + ``delta`` predicted from its Taylor ``terms`` (J·Δ, ½D²f), probed where the trust band
+    flags the expansion (before the full measurement: :meth:`Context.measure_probe`), measured, and scored:
+    ``{task: entry}`` (:meth:`Scorer.record`)."""
+    probes = ctx.measure_probe(delta, scorer.flagged(*terms)) if ctx.probe_batches else None
+    return scorer.record(*terms, ctx.measure(delta), probes)
+
+
 def measure_merges(ctx: Context, der: Derivatives, scorer: Scorer, merges: list, merge_deltas: dict,
                    progress: bool = True, built: dict | None = None) -> list[dict]:
     """Predicted vs measured for each configured merge: ``[{name, method, params, per_task}]``.
@@ -49,7 +57,7 @@ def measure_merges(ctx: Context, der: Derivatives, scorer: Scorer, merges: list,
         if built is not None:
             built[m.name] = delta
         out.append({"name": m.name, "method": m.method, "params": m.params,
-                    "per_task": scorer.record(*terms, ctx.measure(delta))})
+                    "per_task": predict_and_measure(ctx, scorer, terms, delta)})
     return out
 
 

@@ -41,7 +41,10 @@ def summarize(merges: list[dict], second_order: bool, max_uncertainty: float,
     Keys: ``n_predictions``, ``order``, ``spearman_change`` / ``_1st`` (on accuracy changes from θ0),
     ``spearman_accuracy``, ``mae_points`` / ``_1st`` and the no-change baseline, ``n_trusted`` /
     ``n_untrusted`` with their MAE, ``calibration`` (second order only), ``interference_spearman``
-    (off-diagonal entries of the interference matrices, when given).
+    (off-diagonal entries of the interference matrices, when given); where probes replaced flagged Taylor
+    predictions (:mod:`~taskvec.validation.probe`): ``n_probed``, ``spearman_change_taylor`` /
+    ``mae_points_taylor`` (the plain expansion everywhere), ``n_trusted_taylor`` / ``n_trusted_probe`` and their
+    MAE, ``mae_points_probed``.
     """
     rows = [e for m in merges for e in m["per_task"].values()]
     dm = [e["measured"] - e["base"] for e in rows]
@@ -55,6 +58,20 @@ def summarize(merges: list[dict], second_order: bool, max_uncertainty: float,
                "max_uncertainty": max_uncertainty}
     summary["spearman_change"], summary["mae_points"] = scores("predicted")
     summary["spearman_change_1st"], summary["mae_points_1st"] = scores("predicted_1st")
+    probed = [e for e in rows if e.get("predictor") == "probe"]
+    if probed:  # the plain Taylor expansion beside the probe-calibrated headline (probe.py)
+        for e in rows:
+            e.setdefault("predicted_taylor", e["predicted"])
+        summary["spearman_change_taylor"], summary["mae_points_taylor"] = scores("predicted_taylor")
+        taylor_ok = [100 * abs(e["predicted"] - e["measured"]) for e in rows if e.get("predictor") != "probe"
+                     and e["trusted"]]
+        probe_ok = [100 * abs(e["predicted"] - e["measured"]) for e in probed if e["trusted"]]
+        summary.update({"n_probed": len(probed), "n_trusted_taylor": len(taylor_ok),
+                        "n_trusted_probe": len(probe_ok),
+                        "mae_points_trusted_taylor": float(np.mean(taylor_ok)) if taylor_ok else None,
+                        "mae_points_trusted_probe": float(np.mean(probe_ok)) if probe_ok else None,
+                        "mae_points_probed": 100 * float(np.mean([abs(e["predicted"] - e["measured"])
+                                                                  for e in probed]))})
     summary["spearman_accuracy"] = spearman([e["predicted"] for e in rows], [e["measured"] for e in rows])
     trusted = [100 * abs(e["predicted"] - e["measured"]) for e in rows if e["trusted"]]
     flagged = [100 * abs(e["predicted"] - e["measured"]) for e in rows if not e["trusted"]]
