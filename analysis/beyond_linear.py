@@ -56,11 +56,13 @@ def collect(run_dir: Path, config: str, n_eval: int, compare_float32: bool = Fal
     ``labels/<s>``, ``a/<m>/<s>`` (J·Δ), ``b/<m>/<s>`` (½D²f), ``true/<m>/<s>`` (measured outputs)."""
     from taskvec.validation import _merge_delta  # noqa: PLC2701 - the validate stage's own merge builder
 
+    from taskvec.validation import DEFAULT_MERGES
+
     run = open_run(run_dir, require="vectors")
-    cfg = load_config(config)
+    configured = DEFAULT_MERGES if config == "none" else merge_specs(load_config(config))
     ctx = load_context(run, n_eval, 8, device_of(None), 0)
     tvs = [ctx.vectors[t] for t in ctx.names]
-    specs = [m for m in merge_specs(cfg) if m.method not in ("ntk_aware", "ntk_aware_harmful", *exclude)]
+    specs = [m for m in configured if m.method not in ("ntk_aware", "ntk_aware_harmful", *exclude)]
     ta = {m.name: float(m.params.get("lambda", 1.0)) for m in specs
           if m.method == "task_arithmetic" and not set(m.params) - {"lambda"}}
     own = {m.name: _merge_delta(ctx, tvs, m) for m in specs if m.name not in ta}
@@ -100,7 +102,7 @@ def collect(run_dir: Path, config: str, n_eval: int, compare_float32: bool = Fal
             "derivative_seconds_float32": der32_s,
             "measure_seconds_median": statistics.median(measure_s), "finetuned": ft,
             "n_eval": {s: int(der.D[s].labels.numel()) for s in ctx.names},
-            "float64_forwards": 1 + len(ctx.names) + 2 * (1 + len(own))}
+            "float64_forwards": 1 + len(ctx.names) + 2 * (1 + len(own)), "excluded": list(exclude)}
     return out, meta
 
 
@@ -168,7 +170,7 @@ def evaluate(T: dict, meta: dict, sizes: list[int], seeds: int, max_unc: float, 
                 for r, p in zip(rows, pr):
                     r["probe"], r["probe_unc"] = p["predicted"], p["uncertainty"]
                     r["hybrid"] = r["taylor2"] if r["taylor_trusted"] else p["predicted"]
-                trusted = [p["uncertainty"] <= max_unc for p in pr]
+                trusted = [p["uncertainty"] <= probe_unc for p in pr]
                 per_seed.append(score(rows, "probe", trusted))
                 cover.append(100 * float(np.mean([100 * abs(r["probe"] - r["measured"]) <= r["probe_unc"]
                                                   for r in rows])))
@@ -197,12 +199,16 @@ def markdown(res: dict, meta: dict, args) -> str:
     der_fpe = meta["derivative_seconds"] / meta["measure_seconds_median"]
     lines = [f"Measured by `python analysis/beyond_linear.py --run {args.run}` on {platform.machine()} CPU, "
              f"torch {torch.__version__}: {M} merges × {len(meta['tasks'])} tasks, "
-             f"{statistics.mean(meta['n_eval'].values()):.0f} evaluation examples per task, probes averaged over "
+             f"{statistics.mean(meta['n_eval'].values()):.0f} evaluation examples per task"
+             + (f" (configured merges left out: {', '.join(meta['excluded'])})" if meta.get("excluded") else "")
+             + f", probes averaged over "
              f"{args.seeds} draws. Derivatives (f0, J·τ_t, first + second order along Σ τ and every other "
              f"merge: {meta['float64_forwards']} float64 forwards) cost {der_fpe:.1f} FPE; measuring every "
              f"merge costs {M} FPE."
              + (f" The same from float32 differences: {meta['derivative_seconds_float32'] / meta['measure_seconds_median']:.1f} FPE."
                 if meta.get("derivative_seconds_float32") else ""), "",
+             f"Unflagged: trusted Taylor predictions (band ≤ {args.max_uncertainty:g} points) and probe predictions "
+             f"with uncertainty ≤ {args.probe_max_uncertainty:g} points.", "",
              "| predictor | Spearman (changes) | MAE (points) | max error | unflagged MAE | flagged share | "
              "coverage of ±uncertainty | added cost (FPE, all merges) |", "|---|---|---|---|---|---|---|---|"]
 
@@ -222,7 +228,8 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", default="runs/interfering")
-    p.add_argument("--config", default=None, help="the run's config (default: the run directory's name)")
+    p.add_argument("--config", default=None, help="the run's config, for its merges (default: the run directory's "
+                                                  "name; 'none': the validate stage's default merges)")
     p.add_argument("--n-eval", type=int, default=500)
     p.add_argument("--probe-sizes", default="25,50,100")
     p.add_argument("--seeds", type=int, default=5)
@@ -235,6 +242,7 @@ def main(argv=None) -> None:
     p.add_argument("--compare-float32", action="store_true",
                    help="also take the derivatives from float32 differences and score the predictions from them")
     p.add_argument("--results-dir", default=str(ROOT / "analysis" / "results"))
+    p.add_argument("--readme", action="store_true", help="publish the table in README.md (beyond-linear-<run> markers)")
     args = p.parse_args(argv)
     name = Path(args.run).name
     cache = Path(args.cache or f"/tmp/taskvec_beyond_linear_{name}.safetensors")
@@ -254,6 +262,11 @@ def main(argv=None) -> None:
     (out / f"beyond_linear_{name}.md").write_text(md)
     (out / f"beyond_linear_{name}.json").write_text(json.dumps({"meta": meta, **res}, indent=1, default=float))
     print(md)
+    if args.readme:
+        from taskvec.io import replace_marked_section
+
+        if not replace_marked_section(ROOT / "README.md", f"beyond-linear-{name}", md):
+            print(f"README.md has no <!-- beyond-linear-{name}:start/end --> markers; nothing replaced")
     worst = sorted(res["rows"], key=lambda r: -abs(r["taylor2"] - r["measured"]))[:8]
     for r in worst:
         print(f"{r['merge']:28s} {r['task']:16s} ρ={r['rho']:.2f} base {100*r['base']:.1f} meas "

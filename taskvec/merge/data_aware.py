@@ -364,36 +364,15 @@ def tensor_stream(p, device: str = "cpu"):
         if not prm.per_model:
             p.cfg.parameters.setdefault(prm.name, prm.default)
 
+    from .engine import merged_tensors
+
+    def combine(name, base, deltas, weights, params):
+        return merge_tensor(stats, to_key[name], deltas, weights, params)
+
     def stream(plan, device: str = "cpu", dtype: torch.dtype | None = None, progress=None):
-        return merged_tensors(plan, stats, to_key, device, dtype, progress)
+        return merged_tensors(plan, device, dtype, progress=progress, combine=combine, combine_names=to_key)
 
     return stream
-
-
-def merged_tensors(p, stats: TaskStatistics, to_key: dict, device: str = "cpu", dtype: torch.dtype | None = None,
-                   progress=None):
-    """``(name, tensor)`` for every base tensor of the plan in order: merged with ``stats`` where ``to_key``
-    names its statistics (tensors some input changes), else copied (as the engine's ``merged_tensors``)."""
-    from .params import expand, layer_position
-
-    cfg, method = p.cfg, p.cfg.method_def
-    model_params = [cfg.model_params(i) for i in range(len(cfg.models))]
-    global_params = cfg.global_params()
-    for name in p.names:
-        if progress is not None:
-            progress.update(1)
-        raw = p.base.get(name)
-        if name not in to_key:
-            yield name, (raw.to(dtype) if dtype is not None and raw.is_floating_point() else raw)
-            continue
-        work = torch.float64 if raw.dtype == torch.float64 else torch.float32
-        base = raw.to(device, work)
-        deltas = [d if (d := inp.delta(name, base)) is not None else torch.zeros_like(base) for inp in p.inputs]
-        weights, _, params = expand(method, name, layer_position(name, p.num_layers), model_params, global_params)
-        out = merge_tensor(stats, to_key[name], deltas, list(weights), params).add_(base)
-        if not bool(torch.isfinite(out).all()):
-            raise MergeError(f"merging tensor {name!r} ({cfg.method}) produced NaN/Inf")
-        yield name, out.to("cpu", dtype or raw.dtype)
 
 
 def merge_run_vectors(run, vectors, method: str, base_state: dict, tasks: list[str], device=None,
@@ -465,5 +444,5 @@ register(Method("regmean", _needs_statistics,
                 mergekit=False))
 
 __all__ = ["DATA_AWARE", "NTK_AWARE", "TaskStatistics", "fisher_delta", "fisher_statistics", "gram_statistics", "is_data_aware",
-           "mean_delta", "merge_run_vectors", "merge_tensor", "merged_tensors", "ntk_statistics", "plan_statistics", "regmean_delta",
+           "mean_delta", "merge_run_vectors", "merge_tensor", "ntk_statistics", "plan_statistics", "regmean_delta",
            "run_statistics", "scale_off_diagonal", "tensor_stream"]

@@ -285,12 +285,14 @@ def plan(cfg: MergeConfig) -> _Plan:
 
 
 def merged_tensors(p: _Plan, device: str = "cpu", dtype: torch.dtype | None = None, only_covered=False,
-                   return_delta=False, progress=None):
+                   return_delta=False, progress=None, combine=None, combine_names=None):
     """Yield ``(name, tensor)`` for every base tensor in order: merged, or copied from the base.
 
     ``dtype`` is the output dtype of floating tensors (default: each base tensor's own). With
     ``only_covered`` only tensors some input changes are yielded; with ``return_delta`` the merged delta
-    (float32) is yielded instead of θ0 + Δ.
+    (float32) is yielded instead of θ0 + Δ. ``combine(name, base, deltas, weights, params) -> Δ`` replaces the
+    method for the tensors of ``combine_names`` (the others are copied): the data-aware methods' hook
+    (:func:`taskvec.merge.data_aware.tensor_stream`).
     """
     cfg, method = p.cfg, p.cfg.method_def
     model_params = [cfg.model_params(i) for i in range(len(cfg.models))]
@@ -302,10 +304,12 @@ def merged_tensors(p: _Plan, device: str = "cpu", dtype: torch.dtype | None = No
         if only_covered and not covered:
             continue
         raw = p.base.get(name)
-        if name not in p.merge or (not covered and method.name != "linear"):
+        skip = (name not in combine_names) if combine is not None else (
+            name not in p.merge or (not covered and method.name != "linear"))
+        if skip:
             yield name, (raw.to(dtype) if dtype is not None and raw.is_floating_point() else raw)
             continue
-        if method.stream and torch.device(device).type == "cpu" and method.streams(global_params):
+        if combine is None and method.stream and torch.device(device).type == "cpu" and method.streams(global_params):
             yield name, _streamed(p, name, raw, model_params, global_params, t=layer_position(name, p.num_layers),
                                   out_dtype=dtype or raw.dtype, return_delta=return_delta)
             continue
@@ -319,7 +323,8 @@ def merged_tensors(p: _Plan, device: str = "cpu", dtype: torch.dtype | None = No
             d = inp.delta(name, base, check=method.drops)
             deltas.append(d if d is not None else torch.zeros_like(base))
         weights, per_model, params = expand(p.cfg.method_def, name, t, model_params, global_params)
-        delta = method(base, deltas, weights, **per_model, **params)
+        delta = (method(base, deltas, weights, **per_model, **params) if combine is None
+                 else combine(name, base, deltas, list(weights), params))
         del deltas
         if return_delta:
             yield name, delta.cpu()
