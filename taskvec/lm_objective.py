@@ -20,7 +20,6 @@ nats; evaluation aggregates Σ NLL / Σ tokens (:func:`taskvec.lm_metrics.corpus
 from __future__ import annotations
 
 import logging
-import random
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +27,7 @@ from torch import nn
 
 from .errors import TaskvecError
 from .lm_metrics import DELIMITER, build_batch, encode, encode_pair, prefix_token_id
+from .tasks import EpochBatches
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def task_pairs(tokenizer, task, indices, objective: str, max_length: int) -> tup
     return pairs, cut
 
 
-class LMBatches:
+class LMBatches(EpochBatches):
     """Re-iterable LM batches of one task split, with the interface of :class:`taskvec.tasks.Batches`.
 
     Each batch: ``input_ids`` / ``attention_mask`` ``(B, L)`` (right-padded; ``L`` ≤ ``max_length``) and
@@ -158,32 +158,13 @@ class LMBatches:
         self.max_length = max_length
         self.labels = torch.tensor([task.labels[i] for i in self.indices], dtype=torch.long)
 
-    def __len__(self) -> int:
-        return (len(self.indices) + self.batch_size - 1) // self.batch_size
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.indices)
-
-    def order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.indices)))
-        if self.shuffle:
-            random.Random(self.seed + epoch).shuffle(order)
-        elif self.sort_by_length:
-            order.sort(key=lambda j: len(self.pairs[j][0]) + len(self.pairs[j][1]))
-        return order
+    def _length(self, j: int) -> int:
+        return len(self.pairs[j][0]) + len(self.pairs[j][1])
 
     def batch(self, positions) -> dict:
         b = build_batch([self.pairs[j] for j in positions], self.pad_id, self.max_length, "right")
         return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": b.labels()}
 
-    def iter_epoch(self, epoch: int = 0):
-        order = self.order(epoch)
-        for s in range(0, len(order), self.batch_size):
-            yield self.batch(order[s:s + self.batch_size])
-
-    def __iter__(self):
-        return self.iter_epoch(0)
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -215,15 +215,22 @@ class TaskVector:
     def _from_adapter_dir(cls, path: Path, base, task: str) -> TaskVector:
         from safetensors.torch import load_file
 
+        from .modeling import load_pickle_state, pickle_is_allowed
+
         cfg_path, w_path = path / "adapter_config.json", path / "adapter_model.safetensors"
-        if not cfg_path.exists() or not w_path.exists():
+        pickled = not w_path.exists() and (path / "adapter_model.bin").exists()
+        if pickled and not pickle_is_allowed():
+            raise TaskvecError(f"{path}: only pickle adapter weights (adapter_model.bin); safetensors are read. "
+                               "Convert once: PeftModel.from_pretrained(base, dir).save_pretrained(dir, "
+                               "safe_serialization=True); or pass --allow-pickle (torch.load(weights_only=True))")
+        if not cfg_path.exists() or not (w_path.exists() or pickled):
             raise TaskvecError(f"{path} is not a peft adapter directory (needs adapter_config.json and "
                                "adapter_model.safetensors)")
         cfg = json.loads(cfg_path.read_text())
         if cfg.get("use_dora"):
             raise TaskvecError(f"{path}: DoRA adapters are not a plain ΔW = B·A")
         r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
-        state = load_file(str(w_path))
+        state = load_pickle_state(path) if pickled else load_file(str(w_path))
         deltas = {}
         for k, A in state.items():
             if ".lora_A." not in k:

@@ -462,7 +462,61 @@ def task_texts(task: Task, indices, prompt: str | None = None) -> tuple[list[str
     return a, b
 
 
-class Batches:
+class EpochBatches:
+    """What every re-iterable batch source of one split shares (:class:`Batches`, the LM tasks'
+    :class:`~taskvec.lm_objective.LMBatches`): ``indices``, ``batch_size``, the epoch order and iteration.
+    Subclasses give ``_length(j)`` (example j's length in tokens) and ``batch(positions)``; ``shuffle``
+    re-shuffles every epoch with ``seed + epoch`` (with ``group_by_length``, batches are cut from length-sorted
+    megabatches of 50 batches and then shuffled, as transformers' ``group_by_length`` does, to cut padding);
+    ``sort_by_length`` (evaluation) orders examples by length."""
+
+    indices: list
+    batch_size: int
+    shuffle: bool = False
+    seed: int = 0
+    sort_by_length: bool = False
+    group_by_length: bool = False
+
+    def _length(self, j: int) -> int:
+        raise NotImplementedError
+
+    def batch(self, positions) -> dict:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return (len(self.indices) + self.batch_size - 1) // self.batch_size
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.indices)
+
+    def order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.indices)))
+        if self.shuffle:
+            rng = random.Random(self.seed + epoch)
+            rng.shuffle(order)
+            if self.group_by_length:
+                mega = 50 * self.batch_size
+                batches = []
+                for s in range(0, len(order), mega):
+                    chunk = sorted(order[s:s + mega], key=self._length, reverse=True)
+                    batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+                rng.shuffle(batches)
+                order = [j for b in batches for j in b]
+        elif self.sort_by_length:
+            order.sort(key=self._length)
+        return order
+
+    def iter_epoch(self, epoch: int = 0):
+        order = self.order(epoch)
+        for s in range(0, len(order), self.batch_size):
+            yield self.batch(order[s:s + self.batch_size])
+
+    def __iter__(self):
+        return self.iter_epoch(0)
+
+
+class Batches(EpochBatches):
     """Re-iterable tokenised batches of one task split.
 
     Each batch is a dict of tensors ``input_ids`` / ``attention_mask`` (``(B, L)``, padded to the batch's
@@ -489,31 +543,8 @@ class Batches:
         self.sort_by_length = sort_by_length and not shuffle
         self.group_by_length = group_by_length
 
-    def __len__(self) -> int:
-        return (len(self.indices) + self.batch_size - 1) // self.batch_size
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.indices)
-
-    def order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.indices)))
-        length = lambda j: len(self._enc[j]["input_ids"])  # noqa: E731
-        if self.shuffle:
-            rng = random.Random(self.seed + epoch)
-            rng.shuffle(order)
-            if self.group_by_length:
-                # megabatches of 50 batches sorted by length, batches shuffled: less padding, still random
-                mega = 50 * self.batch_size
-                batches = []
-                for s in range(0, len(order), mega):
-                    chunk = sorted(order[s:s + mega], key=length, reverse=True)
-                    batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-                rng.shuffle(batches)
-                order = [j for b in batches for j in b]
-        elif self.sort_by_length:
-            order.sort(key=length)
-        return order
+    def _length(self, j: int) -> int:
+        return len(self._enc[j]["input_ids"])
 
     def batch(self, positions) -> dict:
         feats = [self._enc[j] for j in positions]
@@ -522,12 +553,5 @@ class Batches:
         out["labels"] = self.labels[list(positions)]
         return out
 
-    def iter_epoch(self, epoch: int = 0):
-        order = self.order(epoch)
-        for s in range(0, len(order), self.batch_size):
-            yield self.batch(order[s:s + self.batch_size])
-
-    def __iter__(self):
-        return self.iter_epoch(0)
 
 

@@ -160,3 +160,29 @@ def test_lora_errors(lora_setup, tmp_path):
     with pytest.raises(MergeError, match="lora_rank output needs every input to be a LoRA adapter"):
         merge({"method": "ties", "base_model": str(root / "base"), "lora_rank": 2,
                "models": [str(root / "a0"), str(root / "m1")]}, tmp_path / "o", show_progress=False)
+
+
+def test_pickle_adapters_are_refused_unless_allowed_and_then_equal_the_safetensors_one(lora_setup, tmp_path):
+    """A peft adapter saved as adapter_model.bin: refused with how to convert it; with pickle allowed (the CLI's
+    --allow-pickle) read by torch.load(weights_only=True), the merge engine and TaskVector.from_peft alike."""
+    from taskvec import TaskVector
+    from taskvec.merge import LoraAdapter
+    from taskvec.merge.engine import Checkpoint
+    from taskvec.modeling import pickle_allowed
+
+    root, *_ = lora_setup
+    pk = tmp_path / "pickled"
+    pk.mkdir()
+    (pk / "adapter_config.json").write_text((root / "a0" / "adapter_config.json").read_text())
+    torch.save(load_file(str(root / "a0" / "adapter_model.safetensors")), pk / "adapter_model.bin")
+    with pytest.raises(MergeError, match=r"only pickle adapter weights \(adapter_model.bin\).*--allow-pickle"):
+        LoraAdapter(pk, Checkpoint)
+    with pytest.raises(Exception, match=r"only pickle adapter weights"):
+        TaskVector.from_peft(str(pk))
+    with pickle_allowed():
+        ad, ref = LoraAdapter(pk, Checkpoint), LoraAdapter(root / "a0", Checkpoint)
+        assert set(ad.targets) == set(ref.targets)
+        for name in ref.targets:
+            assert torch.equal(ad.delta(name), ref.delta(name))
+        tv, tv_ref = TaskVector.from_peft(str(pk)), TaskVector.from_peft(str(root / "a0"))
+    assert set(tv.deltas) == set(tv_ref.deltas) and all(torch.equal(tv.deltas[k], tv_ref.deltas[k]) for k in tv.deltas)

@@ -102,7 +102,15 @@ class LoraAdapter:
             raise MergeError(f"{self.path}: DoRA adapters are not supported (their ΔW depends on the base norm)")
         weights = self.path / "adapter_model.safetensors"
         if not weights.is_file():
-            raise MergeError(f"{self.path}: no adapter_model.safetensors (only safetensors adapters are read)")
+            if not (self.path / "adapter_model.bin").is_file():
+                raise MergeError(f"{self.path}: no adapter_model.safetensors (the adapter's weights)")
+            from ..modeling import pickle_is_allowed
+
+            if not pickle_is_allowed():
+                raise MergeError(f"{self.path}: only pickle adapter weights (adapter_model.bin); safetensors are "
+                                 "read. Convert once: PeftModel.from_pretrained(base, dir).save_pretrained(dir, "
+                                 "safe_serialization=True); or pass --allow-pickle (torch.load(weights_only=True))")
+            weights = self.path  # the directory's .bin, read whole by the checkpoint (pickle allowed)
         self.ckpt = checkpoint_factory(weights)
         self.targets: dict[str, _Target] = {}
         self.full: dict[str, str] = {}
