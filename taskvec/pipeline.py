@@ -339,7 +339,7 @@ def _read_state(path: Path) -> dict:
 def _run_locked(cfg: dict, out: Path, tasks: list, todo: list, overwrite: bool, study_record) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "stages.json"
-    state = _read_state(state_path) if not overwrite else {}
+    state = _read_state(state_path)  # with overwrite too: the stages not run now keep their records
     results = _read_state(out / "pipeline.json")
     upstream = (_hash({"model": cfg["model"], "tasks": cfg["tasks"]}) if study_record is None
                 else _hash({"study": study_record}))
@@ -351,7 +351,7 @@ def _run_locked(cfg: dict, out: Path, tasks: list, todo: list, overwrite: bool, 
         stale = state.get(stage) != key
         # a run interrupted in this stage with the same inputs: keep what it finished (fine-tuned tasks and
         # their resumable checkpoints, task vectors, merges) instead of recomputing it
-        resumed = state.get(stage) == f"started {key}"
+        resumed = not overwrite and state.get(stage) == f"started {key}"
         if not (overwrite or stale) and stage in results and stage in ("ntk", "validate", "report"):
             log.info("== stage %s: inputs unchanged, reusing %s", stage, out)
             continue

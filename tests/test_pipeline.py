@@ -53,6 +53,10 @@ def test_pipeline_end_to_end_on_a_tiny_model(tiny_bert, tmp_path):
     run_pipeline(cfg, out, stages=["merge"])
     new = json.loads((out / "stages.json").read_text())
     assert new["merge"] != stages["merge"] and new["finetune"] == stages["finetune"]
+    # --overwrite of one stage recomputes it and keeps the records of the others (a later plain run reuses them)
+    run_pipeline(cfg, out, stages=["report"], overwrite=True)
+    kept = json.loads((out / "stages.json").read_text())
+    assert kept["finetune"] == stages["finetune"] and kept["merge"] == new["merge"] and "report" in kept
     # every command that writes refuses an existing output unless --overwrite
     for cmd in (["report", str(out)], ["validate", str(out)], ["ntk", str(out)]):
         assert main(cmd) == 2, cmd
