@@ -164,13 +164,20 @@ def fisher_statistics(model: torch.nn.Module, batches, keys, chunk_size: int | N
                            for a in range(0, n, 64)]).double().softmax(-1)
         acc = {k: torch.zeros(dict(model.named_parameters())[f].shape, dtype=torch.float64) for k, f in names.items()}
         idx = torch.arange(n)
+        jf.check_finite = False  # the result is checked once, below
         for pos, jac in jf.blocks(batch, idx, "fisher examples"):
             p = probs[idx[pos]].to(jac[names[next(iter(names))]].device)  # (b, o)
             for k, f in names.items():
-                J = jac[f].double()  # (b, o, numel)
-                g = J - torch.einsum("bo,bop->bp", p, J)[:, None]
-                acc[k] += torch.einsum("bo,bop->p", p, g * g).view(acc[k].shape).cpu()
+                J = jac[f]  # (b, o, numel), float32: per-example squares in float32, summed over examples in float64
+                pj = p.to(J.dtype)
+                g = J - torch.einsum("bo,bop->bp", pj, J)[:, None]
+                g.square_()
+                acc[k] += torch.einsum("bo,bop->p", pj, g).view(acc[k].shape).to("cpu", torch.float64)
             del jac
+    for k, v in acc.items():
+        if not bool(torch.isfinite(v).all()):
+            raise MergeError(f"fisher: non-finite Fisher information for tensor {k!r}; check the task's examples "
+                             "and the fine-tuned model's weights")
     return {k: v / n for k, v in acc.items()}
 
 
