@@ -321,6 +321,10 @@ def summary_tables(val: dict) -> list[tuple[list[str], list[list[str]]]]:
         rows.append(["cost of the predictions phase (all merges' directions), in full evaluations by time "
                      f"(1 = {comp['seconds_per_fpe']:.1f} s) / of the measured λ grid",
                      f"{comp['prediction_fpe']:.1f} / {comp['grid_fpe']:.0f}"])
+        if comp.get("measure_all_fpe"):
+            rows.append(["same (with probes) / measuring every predicted merge (configured, NTK-aware, λ grid, "
+                         "chosen coefficients, single tasks, pairs)",
+                         f"{comp['prediction_fpe']:.1f} / {comp['measure_all_fpe']:.0f}"])
     h = s.get("heldout")
     if h:
         n_h = sorted(set(h["n_holdout"].values()))

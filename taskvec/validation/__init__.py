@@ -227,6 +227,9 @@ def validate_run(run, merges: list[MergeSpec] | None = None, n_eval: int = 500, 
     compute = led.to_json()
     compute["prediction_fpe"] = prediction_cost(compute, ("predictions", "probes"))
     compute["grid_fpe"] = float(coefficients["grid_evaluations"])
+    # every merge the validation predicts is measured once on the evaluation subsets (1 FPE each): the cost of
+    # knowing them all by measurement, against compute["prediction_fpe"] (derivatives + probes)
+    compute["measure_all_fpe"] = float(ctx.evaluations)
     results = ValidationResult({
         "run": str(run.root), "tasks": ctx.names, "n_eval": {s: len(ctx.eval_batches[s].indices) for s in ctx.names},
         "device": str(device), "second_order": second_order, "n_probe": n_probe, "probe_max_uncertainty": probe_max_uncertainty,
