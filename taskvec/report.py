@@ -330,8 +330,10 @@ def summary_tables(val: dict) -> list[tuple[list[str], list[list[str]]]]:
         n_h = sorted(set(h["n_holdout"].values()))
         cov = "–" if h.get("coverage_trusted") is None else f"{100 * h['coverage_trusted']:.0f}%"
         rows += [
-            [f"held-out check ({'/'.join(map(str, n_h))} other test examples per task): Spearman, predicted vs "
-             "measured accuracy change", "–" if h["spearman_change"] is None else f"{h['spearman_change']:.3f}"],
+            [f"held-out check ({'/'.join(map(str, n_h))} other test examples per task"
+             + (f"; none left for {', '.join(h['tasks_without_holdout'])}" if h.get("tasks_without_holdout") else "")
+             + "): Spearman, predicted vs measured accuracy change",
+             "–" if h["spearman_change"] is None else f"{h['spearman_change']:.3f}"],
             ["held-out: mean absolute error, trusted / flagged predictions (points)",
              ("–" if h["mae_points_trusted"] is None else f"{h['mae_points_trusted']:.2f}") + " / "
              + ("–" if h["mae_points_untrusted"] is None else f"{h['mae_points_untrusted']:.2f}")],
@@ -523,6 +525,17 @@ def _validation_section(val: dict, figs: dict) -> list[str]:
                               "–" if c_["max_error_points"] is None else f"{c_['max_error_points']:.2f}"]
                              for c_ in calib], ["uncertainty ≤ (points)", "predictions", "MAE (points)",
                                                 "max error (points)"], left=()))
+    hcal = (val["summary"].get("heldout") or {}).get("calibration")
+    if hcal:
+        parts.append("<p class='note'>The same on held-out test examples: error of each prediction's accuracy "
+                     "change against the change measured on examples the predictor did not see, and the share "
+                     "within its band widened by sampling error (u + 2·se).</p>")
+        parts.append(_table([["∞" if c_["max_uncertainty"] is None else f"{c_['max_uncertainty']:g}", str(c_["n"]),
+                              "–" if c_["mae_points"] is None else f"{c_['mae_points']:.2f}",
+                              "–" if c_["max_error_points"] is None else f"{c_['max_error_points']:.2f}",
+                              "–" if c_["coverage"] is None else f"{100 * c_['coverage']:.0f}%"]
+                             for c_ in hcal], ["uncertainty ≤ (points)", "predictions", "held-out MAE (points)",
+                                               "max error (points)", "within band"], left=()))
     parts += [_table(rows_, header, left=(0,)) for header, rows_ in summary_tables(val)]
     parts += _img(figs["normalized"], "normalized accuracy")
     parts += ["<h2>5. Choosing coefficients from predictions</h2>", *_img(figs["coefficients"], "coefficients")]

@@ -239,3 +239,20 @@ def test_loss_raising_coefficients_keep_only_the_harmful_part():
     assert all(dloss(torch.eye(r, dtype=torch.float64)[j] * harm[j]) >= 0 for j in range(r))
     assert dloss(c - harm) <= min(dloss(c), 0.0) + 1e-12  # what is left never raises the loss
     assert torch.equal(harm + loss_raising_coefficients(-c, gproj) * -1, c)  # every component is one or the other
+
+
+def test_heldout_checks_the_tasks_that_have_held_out_examples(tiny_run, tmp_path, monkeypatch):
+    """A task whose test split has nothing beyond its evaluation subset is left out of the held-out check (was:
+    the whole check skipped); the others are checked and the coefficient choices keep every task's τ."""
+    from taskvec.runs import Run
+
+    orig = Run.holdout
+    monkeypatch.setattr(Run, "holdout", lambda self, name, *a, **k: [] if name == "a" else orig(self, name, *a, **k))
+    r = validate_run(tiny_run, merges=[MergeSpec("ta", "task_arithmetic", {"lambda": 0.5})], n_eval=24, n_kernel=6,
+                     rank=2, lambdas=[0.5], progress=False, out=tmp_path / "r.json", ntk_aware=False)
+    h = r["summary"]["heldout"]
+    assert h["tasks_without_holdout"] == ["a"] and set(h["tasks"]) == {"b", "c"} and "a" not in h["n_holdout"]
+    for m in r["merges"]:
+        assert "heldout" not in m["per_task"]["a"] and all("heldout" in m["per_task"][t] for t in ("b", "c"))
+    assert h["calibration"][-1]["n"] == 2 * len(r["merges"])
+    assert 0 <= h["calibration"][-1]["coverage"] <= 1

@@ -66,7 +66,7 @@ class Context:
     base_state: dict
     evaluations: int = 0
     sum_tau: dict = field(default_factory=dict)
-    holdout_batches: dict = field(default_factory=dict)  # {task: Batches} disjoint from eval_batches (may be {})
+    holdout_batches: dict = field(default_factory=dict)  # {task: Batches} disjoint from eval_batches (tasks with any)
     holdout_evaluations: int = 0
     ledger: Ledger | None = None  # compute spent per phase (costs.py); made by load_context
     probe_batches: dict = field(default_factory=dict)  # {task: Batches} of the probe examples (may be {})
@@ -101,13 +101,14 @@ class Context:
         import time
 
         batches = self.holdout_batches if holdout else self.eval_batches
+        tasks = list(tasks or [s for s in self.names if s in batches])
         tick = time.perf_counter()
         self.shared.set(delta)
-        res = {s: forward_outputs(self.models[s], batches[s], self.device)[0].float() for s in (tasks or self.names)}
+        res = {s: forward_outputs(self.models[s], batches[s], self.device)[0].float() for s in tasks}
         self.shared.set(None)
         if self.ledger is not None:
-            self.ledger.add("forward", sum(len(batches[s].indices) for s in (tasks or self.names)))
-            if not holdout and tasks is None:
+            self.ledger.add("forward", sum(len(batches[s].indices) for s in tasks))
+            if not holdout and len(tasks) == len(self.names):
                 self.ledger.measure_seconds.append(time.perf_counter() - tick)
         if holdout:
             self.holdout_evaluations += 1
@@ -146,10 +147,9 @@ def load_context(run: Run, n_eval: int, n_kernel: int, device, n_holdout: int = 
     tvs = [vectors[t] for t in names]
     sum_tau = {k: sum(v.deltas[k].float() for v in tvs if k in v.deltas) for k in keys}
     holdout = {}
-    if n_holdout:
+    if n_holdout:  # a task whose test split is no larger than its evaluation subset has nothing to hold out
         idx = {t: run.holdout(t, n_eval, n_holdout) for t in names}
-        if all(idx.values()):  # else a test split no larger than the evaluation subset: nothing to hold out
-            holdout = {t: run.batches(t, idx[t], sort_by_length=True) for t in names}
+        holdout = {t: run.batches(t, idx[t], sort_by_length=True) for t in names if idx[t]}
     probes = {t: probe_subset(run, t, eval_batches[t], n_probe) for t in names} if n_probe else {}
     return Context(run, names, device, vectors, models, eval_batches, kernel_batches, keys, shared, base_state,
                    sum_tau=sum_tau, holdout_batches=holdout,

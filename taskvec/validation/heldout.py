@@ -36,6 +36,21 @@ def _entry(e: dict, measured: float, base: float, n_holdout: int) -> dict:
             "se_points": se, "band_points": band, "within_band": bool(err <= band)}
 
 
+def calibration(rows: list[dict]) -> list[dict]:
+    """The calibration table on held-out examples: for each uncertainty threshold, the predictions at or below
+    it, their mean and largest held-out error and the share within their band u + 2·se (points)."""
+    from .summary import CALIBRATION_THRESHOLDS
+
+    out = []
+    for u in CALIBRATION_THRESHOLDS:
+        sel = [e["heldout"] for e in rows if e.get("uncertainty") is not None and e["uncertainty"] <= u]
+        out.append({"max_uncertainty": None if math.isinf(u) else u, "n": len(sel),
+                    "mae_points": float(np.mean([h["error_points"] for h in sel])) if sel else None,
+                    "max_error_points": float(np.max([h["error_points"] for h in sel])) if sel else None,
+                    "coverage": float(np.mean([h["within_band"] for h in sel])) if sel else None})
+    return out
+
+
 def holdout_phase(ctx: Context, merge_results: list[dict], deltas: dict, coefficients: dict,
                   progress: bool = True) -> dict | None:
     """Measure every merge of ``merge_results`` (``deltas[name]`` = its Δ) and the coefficient choices on the
@@ -52,7 +67,7 @@ def holdout_phase(ctx: Context, merge_results: list[dict], deltas: dict, coeffic
 
     if not ctx.holdout_batches:
         return None
-    names = ctx.names
+    names = [s for s in ctx.names if s in ctx.holdout_batches]  # tasks whose test split has examples to spare
     # labels in the batches' iteration order (length-sorted), the order of the measured logits
     labels = {s: torch.cat([b["labels"] for b in ctx.holdout_batches[s]]) for s in names}
     n_h = {s: len(ctx.holdout_batches[s].indices) for s in names}
@@ -62,8 +77,9 @@ def holdout_phase(ctx: Context, merge_results: list[dict], deltas: dict, coeffic
     for m in tqdm(merge_results, desc="held-out merges", disable=not progress):
         logits = ctx.measure(deltas[m["name"]], holdout=True)
         for s, e in m["per_task"].items():
-            e["heldout"] = _entry(e, accuracy(logits[s], labels[s]), base[s], n_h[s])
-            rows.append(e)
+            if s in logits:
+                e["heldout"] = _entry(e, accuracy(logits[s], labels[s]), base[s], n_h[s])
+                rows.append(e)
 
     def avg_norm(cf) -> float:
         logits = ctx.measure(ctx.combination(cf), holdout=True)
@@ -71,7 +87,7 @@ def holdout_phase(ctx: Context, merge_results: list[dict], deltas: dict, coeffic
 
     # each choice made on the evaluation subset — λ by measuring the grid there, coefficients by predicting —
     # scored on the held-out subset
-    picks = {"grid_best": {t: coefficients["grid_best_lambda"] for t in names},
+    picks = {"grid_best": {t: coefficients["grid_best_lambda"] for t in ctx.names},
              "global": coefficients["chosen"]["global"]["coefficients"],
              "per_task": coefficients["chosen"]["per_task"]["coefficients"]}
     scored = {k: avg_norm(cf) for k, cf in tqdm(picks.items(), desc="coefficients (held-out)",
@@ -83,7 +99,8 @@ def holdout_phase(ctx: Context, merge_results: list[dict], deltas: dict, coeffic
         return float(np.mean([e["heldout"]["error_points"] for e in es])) if es else None
 
     return {
-        "n_holdout": n_h, "base_accuracy": base, "finetuned_accuracy": ft,
+        "tasks": names, "tasks_without_holdout": [s for s in ctx.names if s not in names],
+        "n_holdout": n_h, "base_accuracy": base, "finetuned_accuracy": ft, "calibration": calibration(rows),
         "spearman_change": spearman([e["predicted"] - e["base"] for e in rows],
                                     [e["heldout"]["change_measured"] for e in rows]),
         "mae_points": mae(rows), "mae_points_trusted": mae(trusted), "mae_points_untrusted": mae(flagged),
