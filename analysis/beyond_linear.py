@@ -139,6 +139,17 @@ def _probe(T: dict, row: dict, k: int, seed: int, order: int) -> dict:
     return probe_prediction(f0, a, b, y, pos, true[pos])
 
 
+def _taylor_check(T: dict, row: dict, k: int, seed: int) -> bool:
+    """Whether the plain second-order expansion is kept: its series converges (ρ < 1) and the probe finds no
+    bias in it (|mean error| ≤ 2 se)."""
+    if row["rho"] >= 1:
+        return False
+    s, m = row["task"], row["merge"]
+    f0, y, true = T[f"f0/{s}"], T[f"labels/{s}"], T[f"true/{m}/{s}"]
+    pos = probe_positions(len(y), k, seed)
+    return probe_prediction(f0, T[f"a/{m}/{s}"], T[f"b/{m}/{s}"], y, pos, true[pos])["taylor_consistent"]
+
+
 def score(rows: list[dict], key: str, trusted=None) -> dict:
     dp = [r[key] - r["base"] for r in rows]
     dm = [r["measured"] - r["base"] for r in rows]
@@ -169,13 +180,16 @@ def evaluate(T: dict, meta: dict, sizes: list[int], seeds: int, max_unc: float, 
                 pr = [_probe(T, r, k, seed, order) for r in rows]
                 for r, p in zip(rows, pr):
                     r["probe"], r["probe_unc"] = p["predicted"], p["uncertainty"]
-                    r["hybrid"] = r["taylor2"] if r["taylor_trusted"] else p["predicted"]
+                    # the Taylor prediction kept where trusted, or where the probe finds no bias in it
+                    r["kept"] = r["taylor_trusted"] or (order == 3 and _taylor_check(T, r, k, seed))
+                    r["hybrid"] = r["taylor2"] if r["kept"] else p["predicted"]
                 trusted = [p["uncertainty"] <= probe_unc for p in pr]
                 per_seed.append(score(rows, "probe", trusted))
                 cover.append(100 * float(np.mean([100 * abs(r["probe"] - r["measured"]) <= r["probe_unc"]
                                                   for r in rows])))
                 if order == 3:
-                    ht = [r["taylor_trusted"] or p["uncertainty"] <= probe_unc for r, p in zip(rows, pr)]
+                    ht = [r["taylor_trusted"] or (not r["kept"] and p["uncertainty"] <= probe_unc)
+                          for r, p in zip(rows, pr)]
                     per_seed_h.append(score(rows, "hybrid", ht))
             res[f"probe{order if order < 3 else '1/2'} k={k}"] = _mean(per_seed) | {"coverage": float(np.mean(cover)),
                                                             "probe_fpe_per_merge": k / n_eval}

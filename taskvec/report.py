@@ -295,9 +295,9 @@ def summary_tables(val: dict) -> list[tuple[list[str], list[list[str]]]]:
         rows.append(["same, first order only", num("spearman_change_1st")])
     if s.get("n_probed"):
         rows += [["same, the Taylor expansion everywhere (no probes)", num("spearman_change_taylor")],
-                 ["flagged expansions replaced by probe-calibrated predictions (probe.py)",
-                  f"{s['n_probed']} (MAE {s['mae_points_probed']:.2f} points; Taylor there "
-                  f"{s['mae_points_taylor']:.2f} over all)"]]
+                 ["flagged expansions replaced by probe-calibrated predictions (probe.py) / kept after the probe "
+                  "found no bias in them", f"{s['n_probed']} (MAE {s['mae_points_probed']:.2f} points; the "
+                  f"expansion everywhere: MAE {s['mae_points_taylor']:.2f}) / {s.get('n_probe_checked', 0)}"]]
     rows += [
         ["mean absolute error, all predictions (points)",
          (f"{s['mae_points']:.2f} (first order {s['mae_points_1st']:.2f}; no-change baseline "

@@ -132,10 +132,18 @@ def test_validate_with_a_probe_of_every_example_predicts_flagged_merges_exactly(
     kw = dict(merges=merges, n_eval=16, n_kernel=6, rank=2, lambdas=[1.0], progress=False, ntk_aware=False,
               n_holdout=0, max_uncertainty=-1.0)  # a threshold below 0 trusts no expansion: every row probed
     r = validate_run(tiny_run, n_probe=16, out=tmp_path / "all.json", **kw)
-    probed = [e for m in r["merges"] for e in m["per_task"].values() if e["predictor"] == "probe"]
-    assert probed and r["summary"]["n_probed"] == len(probed)
+    rows = [e for m in r["merges"] for e in m["per_task"].values()]
+    probed = [e for e in rows if e["predictor"] == "probe"]
+    checked = [e for e in rows if "probe_check" in e]
+    assert len(probed) + len(checked) == len(rows)  # every row flagged: each probed, or its expansion checked
+    assert r["summary"].get("n_probed", 0) == len(probed)
     for e in probed:
         assert e["predicted"] == pytest.approx(e["measured"], abs=1e-12) and e["uncertainty"] == 0
+    for e in checked:  # kept: the series converges and the whole-set probe finds its error within 2 se
+        c = e["probe_check"]
+        assert e["curvature"] < 1 and c["taylor_consistent"] and e["predictor"] == "taylor"
+        assert c["taylor_bias"] == pytest.approx(e["measured"] - e["predicted"], abs=1e-9)
+        assert abs(c["taylor_bias"]) <= 2 * c["taylor_bias_se"]
     assert r["compute"]["phases"]["probes"]["ops"]["forward"] > 0
     none = validate_run(tiny_run, n_probe=0, out=tmp_path / "none.json", **kw)
     assert all(e["predictor"] == "taylor" for m in none["merges"] for e in m["per_task"].values())

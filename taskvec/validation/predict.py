@@ -129,7 +129,9 @@ class Scorer:
         on k of the evaluation examples), the headline is the probe-calibrated prediction
         (:func:`~taskvec.validation.probe.probe_prediction`; J·Δ calibrated, and ½D²f too where its series
         converges, ρ < 1) with its own uncertainty, trusted up to ``probe_max_uncertainty`` points, and the
-        Taylor numbers stay beside it as ``*_taylor``.
+        Taylor numbers stay beside it as ``*_taylor`` — unless the series converges and the probe finds no
+        bias in the expansion (|mean error on the probe| ≤ 2 se): then the (flagged) Taylor prediction stays
+        the headline and the check is recorded as ``probe_check``.
         """
         f_true, f0, y = measured, self.base_logits[s], self.labels[s]
         p1 = f0 + first
@@ -151,16 +153,24 @@ class Scorer:
         e["change_sd"] = float(d.std(unbiased=False))
         e["n"] = int(y.numel())
         if probe is not None and not e["trusted"]:
-            pos, f_probe = probe
-            converges = e["curvature"] is not None and e["curvature"] < 1
-            pp = probe_prediction(f0, first, half_second if converges else None, y, pos, f_probe)
-            e.update({"predicted_taylor": e["predicted"], "uncertainty_taylor": e["uncertainty"],
-                      "trusted_taylor": e["trusted"], "predictor": "probe", "predicted": pp["predicted"],
-                      "uncertainty": pp["uncertainty"], "trusted": pp["uncertainty"] <= self.probe_max_uncertainty,
-                      "probe": {k: pp[k] for k in ("n_probe", "alpha", "beta", "gamma", "probe_error_rate", "se")}})
+            self._probed(e, f0, first, half_second, y, *probe)
         e["normalized_measured"] = e["measured"] / ft if ft else None
         e["normalized_predicted"] = e["predicted"] / ft if ft else None
         return e
+
+    def _probed(self, e: dict, f0, first, half_second, y, pos, f_probe) -> None:
+        """A flagged entry ``e`` given a probe (see :meth:`entry`): the probe-calibrated headline, or the
+        expansion kept where its series converges and the probe finds no bias in it."""
+        converges = e["curvature"] is not None and e["curvature"] < 1
+        pp = probe_prediction(f0, first, half_second if converges else None, y, pos, f_probe)
+        check = {k: pp[k] for k in ("n_probe", "taylor_bias", "taylor_bias_se", "taylor_consistent")}
+        if converges and check["taylor_consistent"]:
+            e["probe_check"] = check
+            return
+        e.update({"predicted_taylor": e["predicted"], "uncertainty_taylor": e["uncertainty"],
+                  "trusted_taylor": e["trusted"], "predictor": "probe", "predicted": pp["predicted"],
+                  "uncertainty": pp["uncertainty"], "trusted": pp["uncertainty"] <= self.probe_max_uncertainty,
+                  "probe": {k: pp[k] for k in ("n_probe", "alpha", "beta", "gamma", "probe_error_rate", "se")} | check})
 
     def flagged(self, first: dict, half_second: dict | None) -> list[str]:
         """The tasks whose Taylor prediction the trust band does not trust (known before merging)."""

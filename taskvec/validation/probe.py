@@ -129,6 +129,12 @@ def probe_prediction(f0: torch.Tensor, first: torch.Tensor, half_second: torch.T
     acc = (float(y_p.sum()) + float(pred_rest.sum()) + m * float(err.mean())) / n
     var = (float((err ** 2).sum()) + 1.0) / (k + 1)
     se = (m / n) * math.sqrt(var / k)
+    # the plain expansion checked on the probe: its mean error there and that error's standard error
+    taylor = f0[pos] + first[pos] + (half_second[pos] if half_second is not None else 0)
+    err_t = y_p - _correct(taylor, labels[pos])
+    bias_se = math.sqrt((float((err_t ** 2).sum()) + 1.0) / (k + 1) / k)
     return {"predicted": min(max(acc, 0.0), 1.0), "se": se, "uncertainty": 200 * se, "n_probe": k,
             "alpha": cal.alpha, "beta": cal.beta, "gamma": cal.gamma,
-            "probe_error_rate": float((err != 0).double().mean())}
+            "probe_error_rate": float((err != 0).double().mean()),
+            "taylor_bias": float(err_t.mean()), "taylor_bias_se": bias_se,
+            "taylor_consistent": abs(float(err_t.mean())) <= 2 * bias_se}

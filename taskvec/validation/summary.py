@@ -59,6 +59,7 @@ def summarize(merges: list[dict], second_order: bool, max_uncertainty: float,
     summary["spearman_change"], summary["mae_points"] = scores("predicted")
     summary["spearman_change_1st"], summary["mae_points_1st"] = scores("predicted_1st")
     probed = [e for e in rows if e.get("predictor") == "probe"]
+    summary["n_probe_checked"] = sum("probe_check" in e for e in rows)  # flagged, probed, expansion kept
     if probed:  # the plain Taylor expansion beside the probe-calibrated headline (probe.py)
         for e in rows:
             e.setdefault("predicted_taylor", e["predicted"])
