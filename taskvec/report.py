@@ -410,6 +410,19 @@ def write_report(run_dir, out: str | Path | None = None, overwrite: bool = False
     return out / "report.html"
 
 
+def _calibration_table(calib: list[dict], columns: list[str]) -> str:
+    """A calibration table (``summary.calibration`` / held-out ``calibration`` rows): threshold, count, then
+    MAE, max error and (held-out) coverage."""
+    def cell(v, fmt):
+        return "–" if v is None else fmt.format(v)
+
+    rows = [["∞" if c["max_uncertainty"] is None else f"{c['max_uncertainty']:g}", str(c["n"]),
+             cell(c["mae_points"], "{:.2f}"), cell(c["max_error_points"], "{:.2f}"),
+             *([cell(None if c["coverage"] is None else 100 * c["coverage"], "{:.0f}%")] if "coverage" in c else [])]
+            for c in calib]
+    return _table(rows, ["uncertainty ≤ (points)", "predictions", *columns], left=())
+
+
 def _img(name: str | None, alt: str) -> list[str]:
     return [f'<img src="{html.escape(name)}" alt="{html.escape(alt)}">'] if name else []
 
@@ -520,22 +533,13 @@ def _validation_section(val: dict, figs: dict) -> list[str]:
         parts.append("<p class='note'>Calibration of the trust signal: mean and largest absolute error of the "
                      "predictions whose uncertainty is at most the threshold (the signal is computed before "
                      "merging; the errors after measuring).</p>")
-        parts.append(_table([["∞" if c_["max_uncertainty"] is None else f"{c_['max_uncertainty']:g}", str(c_["n"]),
-                              "–" if c_["mae_points"] is None else f"{c_['mae_points']:.2f}",
-                              "–" if c_["max_error_points"] is None else f"{c_['max_error_points']:.2f}"]
-                             for c_ in calib], ["uncertainty ≤ (points)", "predictions", "MAE (points)",
-                                                "max error (points)"], left=()))
+        parts.append(_calibration_table(calib, ["MAE (points)", "max error (points)"]))
     hcal = (val["summary"].get("heldout") or {}).get("calibration")
     if hcal:
         parts.append("<p class='note'>The same on held-out test examples: error of each prediction's accuracy "
                      "change against the change measured on examples the predictor did not see, and the share "
                      "within its band widened by sampling error (u + 2·se).</p>")
-        parts.append(_table([["∞" if c_["max_uncertainty"] is None else f"{c_['max_uncertainty']:g}", str(c_["n"]),
-                              "–" if c_["mae_points"] is None else f"{c_['mae_points']:.2f}",
-                              "–" if c_["max_error_points"] is None else f"{c_['max_error_points']:.2f}",
-                              "–" if c_["coverage"] is None else f"{100 * c_['coverage']:.0f}%"]
-                             for c_ in hcal], ["uncertainty ≤ (points)", "predictions", "held-out MAE (points)",
-                                               "max error (points)", "within band"], left=()))
+        parts.append(_calibration_table(hcal, ["held-out MAE (points)", "max error (points)", "within band"]))
     parts += [_table(rows_, header, left=(0,)) for header, rows_ in summary_tables(val)]
     parts += _img(figs["normalized"], "normalized accuracy")
     parts += ["<h2>5. Choosing coefficients from predictions</h2>", *_img(figs["coefficients"], "coefficients")]

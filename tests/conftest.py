@@ -110,3 +110,15 @@ def tiny_run(tmp_path_factory, tiny_bert):
              out, cfg, progress=False)
     extract_vectors(out)
     return out
+
+
+def load_script(name: str):
+    """The module of ``analysis/<name>.py`` (scripts are not a package), imported fresh."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "analysis" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

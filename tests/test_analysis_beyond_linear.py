@@ -1,21 +1,15 @@
 """analysis/beyond_linear.py on a tiny run: every predictor is scored from the cached tensors, the cached
 measurements are the model's own, and the hybrid keeps the trusted Taylor predictions as they are."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "analysis" / "beyond_linear.py"
+from conftest import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("beyond_linear", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("beyond_linear")
 
 
 def test_beyond_linear_on_a_tiny_run(tiny_run, tmp_path):
@@ -40,6 +34,8 @@ def test_beyond_linear_on_a_tiny_run(tiny_run, tmp_path):
     # a probe of every example is a measurement: no error, whatever the expansion
     assert scores["probe0 k=16"]["mae"] == pytest.approx(0.0, abs=1e-9)
     for r in data["rows"]:
+        if r["taylor_trusted"]:  # the hybrid keeps a trusted Taylor prediction as it is
+            assert r["hybrid"] == r["taylor2"]
         assert 0 <= r["measured"] <= 1 and r["base"] == pytest.approx(accuracy(T[f"f0/{r['task']}"],
                                                                                  T[f"labels/{r['task']}"]))
     text = (tmp_path / "beyond_linear_run.md").read_text()

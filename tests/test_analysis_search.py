@@ -1,21 +1,16 @@
 """analysis/search_vs_prediction.py on a tiny run: the searches spend exactly their budgets, every reported
 number comes from the run, and the held-out scores are the held-out measurements of the choices."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 pytest.importorskip("cma")
-SCRIPT = Path(__file__).resolve().parents[1] / "analysis" / "search_vs_prediction.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("search_vs_prediction", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("search_vs_prediction")
 
 
 def test_search_vs_prediction_on_a_tiny_run(tiny_run, tmp_path):

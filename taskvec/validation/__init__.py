@@ -95,6 +95,23 @@ def default_probe_size(n_eval: int) -> int:
     return min(100, max(1, n_eval // 5))
 
 
+def _probe_size(n_probe: int | None, n_eval: int) -> int:
+    n_probe = default_probe_size(n_eval) if n_probe is None else int(n_probe)
+    if n_probe < 0:
+        raise TaskvecError(f"n_probe must be ≥ 0, got {n_probe}")
+    return n_probe
+
+
+def _compute(ctx: Context, coefficients: dict) -> dict:
+    """``results["compute"]``: the ledger, what predicting cost (derivatives + probes), the λ grid's cost and
+    what knowing every predicted merge by measurement costs (each is measured once: 1 FPE)."""
+    compute = ctx.ledger.to_json()
+    compute["prediction_fpe"] = prediction_cost(compute, ("predictions", "probes"))
+    compute["grid_fpe"] = float(coefficients["grid_evaluations"])
+    compute["measure_all_fpe"] = float(ctx.evaluations)
+    return compute
+
+
 def _merge_delta(ctx: Context, tvs: list, m: MergeSpec) -> dict:
     """The merged delta of one configured merge, in memory; data-aware methods (``fisher``, ``regmean``) take
     their statistics from the run's tasks, as ``taskvec merge`` with ``run:`` does."""
@@ -187,11 +204,8 @@ def validate_run(run, merges: list[MergeSpec] | None = None, n_eval: int = 500, 
                            "prediction-chosen λ; drop them or keep ntk_aware=True")
     merges = [m for m in merges if m.name not in bad]  # built at the prediction-chosen λ below
     device = device_of(device)
-    n_probe = default_probe_size(n_eval) if n_probe is None else int(n_probe)
-    if n_probe < 0:
-        raise TaskvecError(f"n_probe must be ≥ 0, got {n_probe}")
-    ctx = load_context(run, n_eval, n_kernel, device, n_eval if n_holdout is None else n_holdout,
-                       n_probe)
+    n_probe = _probe_size(n_probe, n_eval)
+    ctx = load_context(run, n_eval, n_kernel, device, n_eval if n_holdout is None else n_holdout, n_probe)
     tvs = [ctx.vectors[t] for t in ctx.names]
     led = ctx.ledger
     with led.phase("merge_directions"):  # every configured merge built in memory (fisher/regmean: + statistics)
@@ -224,12 +238,7 @@ def validate_run(run, merges: list[MergeSpec] | None = None, n_eval: int = 500, 
     if heldout is not None:
         summary["heldout"] = heldout
         timings["heldout"] = time.time() - tick
-    compute = led.to_json()
-    compute["prediction_fpe"] = prediction_cost(compute, ("predictions", "probes"))
-    compute["grid_fpe"] = float(coefficients["grid_evaluations"])
-    # every merge the validation predicts is measured once on the evaluation subsets (1 FPE each): the cost of
-    # knowing them all by measurement, against compute["prediction_fpe"] (derivatives + probes)
-    compute["measure_all_fpe"] = float(ctx.evaluations)
+    compute = _compute(ctx, coefficients)
     results = ValidationResult({
         "run": str(run.root), "tasks": ctx.names, "n_eval": {s: len(ctx.eval_batches[s].indices) for s in ctx.names},
         "device": str(device), "second_order": second_order, "n_probe": n_probe, "probe_max_uncertainty": probe_max_uncertainty,
