@@ -231,18 +231,52 @@ def cmd_ntk(a) -> int:
     return 0
 
 
+def _validate_lm(a, run, out) -> int:
+    """``taskvec validate`` of a run of causal-LM tasks: predictions and measurements in nats per token."""
+    from .errors import TaskvecError
+    from .lm_validate import run_path, validate_lm_run
+
+    if a.write_best:
+        raise TaskvecError("--write-best is not available for runs of causal-LM tasks yet; merge with "
+                           "`taskvec merge` and the λ the validation reports")
+    res = validate_lm_run(run, out=out, n_eval=a.n_eval or 60, second_order=not a.first_order,
+                          max_uncertainty=0.05 if a.max_uncertainty is None else a.max_uncertainty,
+                          predictor=a.predictor, n_probe=a.n_probe, max_memory=a.max_memory, device=a.device,
+                          overwrite=a.overwrite)
+    s = res["summary"]
+    for where in ("eval", "heldout"):
+        e = s[where]
+        print(f"{where}: Spearman predicted vs measured mean-NLL change {e['spearman']} (Taylor alone "
+              f"{e['spearman_taylor']}), MAE {e['mae_all']:.3f} nats/token, trusted {e['n_trusted']}")
+    c = res["coefficients"]
+    print(f"prediction-chosen λ* = {c['lambda_star']:g}: measured {c['measured_avg_at_lambda_star']['eval']:+.3f} "
+          f"nats/token; measured grid best λ = {c['grid_best_lambda']}: {c['grid_best_avg']:+.3f}")
+    print(f"wrote {out or run_path(run)}")
+    return 0
+
+
 def cmd_validate(a) -> int:
+    from .errors import TaskvecError
     from .report import summary_markdown
+    from .study import is_study
     from .validation import validate_run
 
     with _locked_run(a):
         run, out = _run_or_study(a)
+        if not is_study(a.run):
+            from .lm_validate import is_lm_run
+
+            if is_lm_run(run):
+                return _validate_lm(a, run, out)
+        if a.predictor != "loglik" or a.max_memory is not None:
+            raise TaskvecError("--predictor and --max-memory apply to runs of causal-LM tasks only")
         if a.write_best:  # refused before the (long) validation, not after it
             from .io import check_output
 
             check_output(a.write_best, a.overwrite)
-        res = validate_run(run, out=out, n_eval=a.n_eval, n_kernel=a.n_kernel, rank=a.rank,
-                           second_order=not a.first_order, max_uncertainty=a.max_uncertainty, device=a.device,
+        res = validate_run(run, out=out, n_eval=a.n_eval or 500, n_kernel=a.n_kernel, rank=a.rank,
+                           second_order=not a.first_order,
+                           max_uncertainty=1.0 if a.max_uncertainty is None else a.max_uncertainty, device=a.device,
                            overwrite=a.overwrite, n_probe=a.n_probe, probe_max_uncertainty=a.probe_max_uncertainty,
                            precision=a.precision)
         print(summary_markdown({"validation": res}))
@@ -338,12 +372,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run directory, or a study YAML (checkpoints made elsewhere; needs --out)")
     s.add_argument("--out", default=None, help="results file (default RUN/validation/results.json); for a study: "
                                               "the study's directory")
-    s.add_argument("--n-eval", type=int, default=500, help="evaluation examples per task")
+    s.add_argument("--n-eval", type=int, default=None,
+                   help="evaluation examples per task (default 500; 60 for runs of causal-LM tasks)")
     s.add_argument("--n-kernel", type=int, default=128, help="kernel examples per task (eigenspaces)")
     s.add_argument("--rank", type=int, default=20, help="r of the top-r eigenspaces")
-    s.add_argument("--max-uncertainty", type=float, default=1.0,
+    s.add_argument("--max-uncertainty", type=float, default=None,
                    help="trust threshold: a prediction is trusted when at most this many accuracy points of its "
-                        "examples could flip under the neglected higher-order terms")
+                        "examples could flip under the neglected higher-order terms (default 1.0); for causal-LM "
+                        "tasks in nats per token (default 0.05)")
+    s.add_argument("--predictor", choices=("loglik", "logits"), default="loglik",
+                   help="causal-LM tasks: Taylor series of the log-likelihood itself (default) or the NLL of "
+                        "the linearised next-token logits (both are reported)")
+    s.add_argument("--max-memory", default=None,
+                   help="causal-LM tasks: memory budget of the batched JVPs (bytes or e.g. 4GB; default 40%% "
+                        "of available memory)")
     s.add_argument("--first-order", action="store_true", help="skip the second-order term (no trust signal: every prediction is flagged)")
     s.add_argument("--n-probe", type=int, default=None,
                    help="evaluation examples per task on which a merge whose Taylor prediction is flagged is "

@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import TaskvecError
 
-OUTPUTS = ("logits", "margin", "loss", "loglik")
+OUTPUTS = ("logits", "margin", "loss", "loglik", "token_logits")
 
 
 class NTKError(TaskvecError, ValueError):
@@ -148,8 +148,14 @@ def reduce_outputs(logits: torch.Tensor, labels: torch.Tensor | None, output: st
     ``logits``: the logits (o = C); ``margin``: ``f_y − max_{c≠y} f_c`` (o = 1); ``loss``: the
     cross-entropy ``−log softmax(f)_y`` (o = 1); ``loglik`` (LM task models, :mod:`taskvec.lm_objective`:
     next-token logits ``(B, L, V)`` and labels ``(B, L)`` with -100 off the continuation): the example's
-    summed log-likelihood ``Σ_t log p(y_t | y_<t)`` over its scored tokens, in nats (o = 1).
+    summed log-likelihood ``Σ_t log p(y_t | y_<t)`` over its scored tokens, in nats (o = 1);
+    ``token_logits`` (LM task models): the next-token logits themselves, ``(B, L, V)``.
     """
+    if output == "token_logits":
+        if logits.dim() != 3:
+            raise NTKError("output='token_logits' is the output of LM task models ((B, L, V) next-token logits); "
+                           "use logits, margin or loss")
+        return logits
     if output == "logits":
         if logits.dim() == 3:
             raise NTKError("an LM task model's outputs are per token: use output='loglik' (the example's "

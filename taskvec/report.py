@@ -25,7 +25,8 @@ from .io import atomic_file, write_json
 def collect(run_dir) -> dict:
     """All saved results of a run as one dict (what ``RUN/results.json`` holds), read through
     :class:`taskvec.runs.Run`: ``run`` (run.json's base, scope, tasks), ``finetune`` ({task: log}),
-    ``ntk`` (the ntk stage's summary and spectrum reports, or ``None``), ``validation`` (or ``None``)."""
+    ``ntk`` (the ntk stage's summary and spectrum reports, or ``None``), ``validation`` (or ``None``),
+    ``lm_validation`` (an LM run's :func:`taskvec.lm_validate.validate_lm_run` results, or ``None``)."""
     from .runs import open_run
 
     run = open_run(run_dir, require="finetune")  # a run whose tasks never finished has nothing to report
@@ -33,7 +34,8 @@ def collect(run_dir) -> dict:
     if run.kind == "study":  # where each task's head came from (HeadSpec.source)
         desc["heads"] = {t: (rt.head.source if rt.head is not None else None) for t, rt in run.tasks.items()}
     return {"run": desc,
-            "finetune": run.finetune_logs(), "validation": run.validation_results(), "ntk": run.ntk_results()}
+            "finetune": run.finetune_logs(), "validation": run.validation_results(), "ntk": run.ntk_results(),
+            "lm_validation": run.lm_validation_results()}
 
 
 # --- figures -----------------------------------------------------------------------------------------------
@@ -329,6 +331,8 @@ def summary_tables(val: dict) -> list[tuple[list[str], list[list[str]]]]:
     if h:
         n_h = sorted(set(h["n_holdout"].values()))
         cov = "–" if h.get("coverage_trusted") is None else f"{100 * h['coverage_trusted']:.0f}%"
+        if h.get("coverage_trusted_premerge") is not None:
+            cov += f" ({100 * h['coverage_trusted_premerge']:.0f}% with se from the predicted changes)"
         rows += [
             [f"held-out check ({'/'.join(map(str, n_h))} other test examples per task"
              + (f"; none left for {', '.join(h['tasks_without_holdout'])}" if h.get("tasks_without_holdout") else "")
@@ -337,7 +341,8 @@ def summary_tables(val: dict) -> list[tuple[list[str], list[list[str]]]]:
             ["held-out: mean absolute error, trusted / flagged predictions (points)",
              ("–" if h["mae_points_trusted"] is None else f"{h['mae_points_trusted']:.2f}") + " / "
              + ("–" if h["mae_points_untrusted"] is None else f"{h['mae_points_untrusted']:.2f}")],
-            ["held-out: trusted predictions within their band widened by sampling error (u + 2·se; mean se "
+            ["held-out: trusted predictions within their band widened by sampling error (u + 2·se, se from the "
+             "measured per-example changes; mean se "
              f"{h['mean_se_points']:.2f} points)", cov],
             [f"held-out: avg normalized accuracy of the λ the measured grid chose (λ={h['coefficients']['grid_best_lambda']:g}) "
              "/ the predictions' global λ / per-task coefficients",
@@ -403,6 +408,11 @@ def write_report(run_dir, out: str | Path | None = None, overwrite: bool = False
                  *_ntk_section(res["ntk"], ntk_figs)]
         if val:
             parts += _validation_section(val, figs)
+        if res["lm_validation"]:
+            from .report_lm import fig_lm_scatter, lm_section
+
+            figs["lm_scatter"] = fig_lm_scatter(res["lm_validation"], tmp)
+            parts += lm_section(res["lm_validation"], figs)
         page = ("<!doctype html><html><head><meta charset=utf-8><title>taskvec report</title><style>" + CSS
                 + "</style></head><body>" + "\n".join(parts) + "</body></html>")
         (tmp / "report.html").write_text(page, encoding="utf-8")
@@ -418,7 +428,9 @@ def _calibration_table(calib: list[dict], columns: list[str]) -> str:
 
     rows = [["∞" if c["max_uncertainty"] is None else f"{c['max_uncertainty']:g}", str(c["n"]),
              cell(c["mae_points"], "{:.2f}"), cell(c["max_error_points"], "{:.2f}"),
-             *([cell(None if c["coverage"] is None else 100 * c["coverage"], "{:.0f}%")] if "coverage" in c else [])]
+             *([cell(None if c["coverage"] is None else 100 * c["coverage"], "{:.0f}%")] if "coverage" in c else []),
+             *([cell(None if c["coverage_premerge"] is None else 100 * c["coverage_premerge"], "{:.0f}%")]
+               if "coverage_premerge" in c else [])]
             for c in calib]
     return _table(rows, ["uncertainty ≤ (points)", "predictions", *columns], left=())
 
@@ -538,8 +550,11 @@ def _validation_section(val: dict, figs: dict) -> list[str]:
     if hcal:
         parts.append("<p class='note'>The same on held-out test examples: error of each prediction's accuracy "
                      "change against the change measured on examples the predictor did not see, and the share "
-                     "within its band widened by sampling error (u + 2·se).</p>")
-        parts.append(_calibration_table(hcal, ["held-out MAE (points)", "max error (points)", "within band"]))
+                     "within its band widened by sampling error (u + 2·se; se from the measured per-example "
+                     "changes on the evaluation subset, and — last column — from the predicted ones).</p>")
+        cols = ["held-out MAE (points)", "max error (points)", "within band"]
+        parts.append(_calibration_table(hcal, cols + (["within band, pre-merge se"] if "coverage_premerge" in hcal[0]
+                                                      else [])))
     parts += [_table(rows_, header, left=(0,)) for header, rows_ in summary_tables(val)]
     parts += _img(figs["normalized"], "normalized accuracy")
     parts += ["<h2>5. Choosing coefficients from predictions</h2>", *_img(figs["coefficients"], "coefficients")]

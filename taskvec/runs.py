@@ -359,6 +359,10 @@ class Run:
     def validation_results(self) -> dict | None:
         return self.read_stage_json("validate", "results.json")
 
+    def lm_validation_results(self) -> dict | None:
+        """``RUN/validation/lm_results.json`` of an LM run (:func:`taskvec.lm_validate.validate_lm_run`)."""
+        return self.read_stage_json("validate", "lm_results.json")
+
 
 def _read_task(root: Path, name: str, require: str, config: dict, source: dict | None = None) -> RunTask:
     """One task's entry of a run directory (see :meth:`Run.open` for ``require``); ``source``: a study

@@ -32,7 +32,12 @@ def test_validate_lm_run_measures_what_lm_metrics_measure(lm_run):
     vecs = run.vectors()
     for s in run.names:
         a, b = rows[("task_arithmetic λ=0.5", s)], rows[("task_arithmetic λ=1", s)]
-        assert b["predicted_1st"] == pytest.approx(2 * a["predicted_1st"], rel=1e-9)  # linear in λ
+        # the log-likelihood's first-order term is linear in λ; the NLL of the linearised logits is not, and
+        # it is never negative
+        assert b["predicted_loglik_1st"] == pytest.approx(2 * a["predicted_loglik_1st"], rel=1e-9)
+        assert b["predicted_logits_1st"] != pytest.approx(2 * a["predicted_logits_1st"], rel=1e-3)
+        assert b["base_nll"] + b["predicted_logits"] > 0 and b["predicted_taylor"] == b["predicted_loglik"]
+        assert b["predicted"] == (b["probe_predicted"] if b["predictor"] == "probe" else b["predicted_taylor"])
         # the measured change at λ = 1 is lm_metrics' mean NLL of θ0 + Στ minus θ0's, on the same examples
         task = run.task(s).task
         idx = run.sample(s, "test", 8)
@@ -44,14 +49,32 @@ def test_validate_lm_run_measures_what_lm_metrics_measure(lm_run):
             return lm.completion_loss(m, tok, [task.prompt.format(text=task.texts[i]) for i in idx],
                                       [" " + task.label_words[task.labels[i]] for i in idx]).mean_nll
 
+        def acc(m):  # multiple-choice accuracy over the label words, lm-evaluation-harness style
+            return lm.multiple_choice(m, tok, [task.prompt.format(text=task.texts[i]) for i in idx],
+                                      [list(task.label_words)] * len(idx), [task.labels[i] for i in idx])
+
         before = nll(model)
         sum_tau = {k: sum(v.deltas[k] for v in vecs.values()) for k in vecs[s].deltas}
         with applied(model.backbone, sum_tau):
             after = nll(model)
+            if task.objective == "choice":
+                mc = acc(model)
+                assert b["acc_measured"] == pytest.approx(100 * mc.acc) and b["acc_norm_measured"] == pytest.approx(
+                    100 * mc.acc_norm)
+        if task.objective == "choice":
+            assert b["acc_base"] == pytest.approx(100 * acc(model).acc)
+        else:
+            assert "acc_measured" not in b
         assert b["measured"] == pytest.approx(after - before, rel=1e-4, abs=1e-6)
         assert b["base_nll"] == pytest.approx(before, rel=1e-5)
-    assert set(res["summary"]["eval"]) >= {"spearman", "mae_trusted", "calibration"}
-    assert res["coefficients"]["lambda_star"] > 0 and len(res["interference"]["measured"]) == 2
+    assert set(res["summary"]["eval"]) >= {"spearman", "mae_trusted", "calibration", "spearman_loglik"}
+    assert res["summary"]["choice"]["n"] == 3 and "spearman" in res["summary"]["choice"]["heldout"]
+    co = res["coefficients"]
+    assert co["lambda_star"] > 0 and len(res["interference"]["measured"]) == 2
+    if co["lambda_converges_up_to"] is not None:  # λ* searched where every task's series converges
+        assert co["lambda_star"] <= co["lambda_converges_up_to"]
+    else:
+        assert co["lambda_star"] == 0.05
 
 
 def test_applied_restores_the_backbone_bit_for_bit():
@@ -95,3 +118,42 @@ def test_pipeline_validate_stage_of_an_lm_run(tiny_lm, tmp_path):  # noqa: F811
     assert res["validate"]["summary"] == saved["summary"]
     assert {r["merge"] for r in saved["rows"]} == {"task_arithmetic λ=0.5", "task_arithmetic λ=1", "ties density=0.5"}
     assert load_config("lm")["model"] == "smollm2"  # the packaged config
+
+
+def test_a_probe_of_every_evaluation_example_predicts_the_measured_change(lm_run):
+    res = validate_lm_run(lm_run, lambdas=[1.0], n_eval=8, n_holdout=4, n_probe=8, max_uncertainty=1e-9,
+                          out=lm_run / "probe_all.json", progress=False)
+    rows = res["rows"]
+    assert all(r["predictor"] in ("probe", "probe_check") for r in rows)
+    for r in rows:
+        if r["predictor"] == "probe":
+            assert r["predicted"] == pytest.approx(r["measured"], abs=1e-9) and r["uncertainty"] == 0
+    assert res["summary"]["n_probed"] + res["summary"]["n_probe_checked"] == len(rows)
+
+
+def test_the_report_of_an_lm_run_shows_its_validation_in_nats(lm_run):
+    from taskvec.report import write_report
+
+    res = validate_lm_run(lm_run, lambdas=[1.0], n_eval=6, n_holdout=4, n_probe=2, overwrite=True, progress=False)
+    page = write_report(lm_run, overwrite=True)
+    text = page.read_text()
+    assert "Merges of causal-LM tasks: predicted vs measured mean NLL" in text
+    assert (page.parent / "lm_predicted_vs_measured.png").is_file()
+    assert "Multiple choice" in text and f"{res['rows'][0]['measured']:+.3f}" in text
+
+
+def test_taskvec_validate_of_an_lm_run_predicts_in_nats(lm_run, tmp_path, capsys):
+    import json
+
+    from taskvec.cli import main
+
+    out = tmp_path / "lm.json"
+    assert main(["validate", str(lm_run), "--n-eval", "4", "--n-probe", "0", "--predictor", "logits",
+                 "--max-memory", "1GB", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["predictor"] == "logits" and res["n_eval"] == 4 and res["summary"]["max_uncertainty"] == 0.05
+    assert all(r["predictor"] == "taylor" for r in res["rows"])  # no probe asked for
+    assert "Spearman predicted vs measured mean-NLL change" in capsys.readouterr().out
+    assert main(["validate", str(lm_run), "--write-best", str(tmp_path / "best"), "--out", str(out),
+                 "--overwrite"]) == 2
+    assert "not available for runs of causal-LM tasks" in capsys.readouterr().err

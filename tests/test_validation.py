@@ -115,3 +115,19 @@ def test_ledger_counts_in_forward_pass_equivalents_and_times_phases():
     with pytest.raises(ValueError, match="unknown operation"):
         led.add("backward", 1)
     assert Ledger(10).to_json()["seconds_per_fpe"] is None
+
+
+def test_heldout_band_takes_its_sampling_error_from_the_measured_changes():
+    import math
+
+    from taskvec.validation.heldout import _entry as heldout_entry
+
+    # predicted: no example flips (sd 0); measured: 20% of 100 examples flipped (sd 0.4): the held-out change of
+    # 3 points is within u + 2·se only with the measured spread
+    e = {"base": 0.80, "predicted": 0.80, "uncertainty": 0.5, "change_sd": 0.0, "change_sd_measured": 0.4, "n": 100}
+    h = heldout_entry(e, measured=0.83, base=0.80, n_holdout=100)
+    assert h["se_points_premerge"] == 0.0 and not h["within_band_premerge"]
+    assert math.isclose(h["se_points"], 100 * 0.4 * math.sqrt(0.02)) and h["within_band"]
+    assert math.isclose(h["error_points"], 3.0)
+    legacy = heldout_entry({k: v for k, v in e.items() if k != "change_sd_measured"}, 0.83, 0.80, 100)
+    assert legacy["se_points"] == 0.0 and not legacy["within_band"]  # entries saved before: the predicted spread

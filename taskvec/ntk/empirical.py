@@ -29,8 +29,11 @@ def _check_options(mode: str, kernel: str, output: str, schedule: str) -> None:
         raise NTKError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
     if kernel not in KERNELS:
         raise NTKError(f"unknown kernel {kernel!r}; valid: {', '.join(KERNELS)}")
-    if output not in OUTPUTS:
-        raise NTKError(f"unknown output {output!r}; valid: {', '.join(OUTPUTS)}")
+    if output not in OUTPUTS or output == "token_logits":
+        valid = ", ".join(o for o in OUTPUTS if o != "token_logits")
+        raise NTKError(f"unknown kernel output {output!r}; valid: {valid} (per-token logits are too wide for a "
+                       "kernel: use loglik)" if output == "token_logits" else
+                       f"unknown output {output!r}; valid: {valid}")
 
 
 def _check_cross(model1, model2, sels1, sels2):

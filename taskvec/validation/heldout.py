@@ -5,9 +5,11 @@ Here every merge is measured again on a disjoint held-out subset of the test spl
 and each predicted accuracy change Δp (evaluation subset) is compared with the measured change Δh on the
 held-out subset. The two subsets differ by sampling: the change of one example is −1, 0 or +1, so an
 accuracy change measured on n examples has a standard error sd/√n, with sd the spread of the per-example
-changes (estimated before merging, from the predicted ones). A trusted prediction's promise on held-out
-examples is therefore |Δp − Δh| ≤ u + 2·se, with u its own uncertainty and
-se = 100·sd·√(1/n_eval + 1/n_holdout) points; the summary reports how often that holds (coverage), the
+changes. A trusted prediction's promise on held-out examples is therefore |Δp − Δh| ≤ u + 2·se, with u its
+own uncertainty and se = 100·sd·√(1/n_eval + 1/n_holdout) points, sd from the measured per-example changes on
+the evaluation subset (``coverage``; with sd from the predicted ones, what could be said before merging:
+``coverage_premerge``, which under-states the spread where predictions miss flips); the summary reports how
+often that holds (coverage), the
 errors of trusted and flagged predictions there, Spearman on held-out changes, and the coefficient
 choices scored there: the λ that the measured grid picked on the evaluation subset against the global λ and
 the per-task coefficients that the predictions picked (each choice made on one subset, scored on another).
@@ -26,14 +28,19 @@ from .summary import spearman
 
 
 def _entry(e: dict, measured: float, base: float, n_holdout: int) -> dict:
-    """The held-out check of one (merge, task) prediction entry ``e``."""
-    se = 100 * e.get("change_sd", 0.0) * math.sqrt(1 / max(e.get("n", 1), 1) + 1 / n_holdout)
+    """The held-out check of one (merge, task) prediction entry ``e``: the band u + 2·se with se from the
+    spread of the measured per-example changes on the evaluation subset (``within_band``), and with se from
+    the predicted ones (``within_band_premerge``, what the band promised before merging)."""
+    k = math.sqrt(1 / max(e.get("n", 1), 1) + 1 / n_holdout)
+    se_pre = 100 * e.get("change_sd", 0.0) * k
+    se = 100 * e.get("change_sd_measured", e.get("change_sd", 0.0)) * k
     dp, dh = e["predicted"] - e["base"], measured - base
     u = e.get("uncertainty")
-    band = (u if u is not None else math.inf) + 2 * se
+    u = u if u is not None else math.inf
     err = 100 * abs(dp - dh)
     return {"measured": measured, "base": base, "change_measured": dh, "error_points": err,
-            "se_points": se, "band_points": band, "within_band": bool(err <= band)}
+            "se_points": se, "band_points": u + 2 * se, "within_band": bool(err <= u + 2 * se),
+            "se_points_premerge": se_pre, "within_band_premerge": bool(err <= u + 2 * se_pre)}
 
 
 def calibration(rows: list[dict]) -> list[dict]:
@@ -47,7 +54,9 @@ def calibration(rows: list[dict]) -> list[dict]:
         out.append({"max_uncertainty": None if math.isinf(u) else u, "n": len(sel),
                     "mae_points": float(np.mean([h["error_points"] for h in sel])) if sel else None,
                     "max_error_points": float(np.max([h["error_points"] for h in sel])) if sel else None,
-                    "coverage": float(np.mean([h["within_band"] for h in sel])) if sel else None})
+                    "coverage": float(np.mean([h["within_band"] for h in sel])) if sel else None,
+                    "coverage_premerge": (float(np.mean([h.get("within_band_premerge", h["within_band"])
+                                                         for h in sel])) if sel else None)})
     return out
 
 
@@ -106,6 +115,8 @@ def holdout_phase(ctx: Context, merge_results: list[dict], deltas: dict, coeffic
         "mae_points": mae(rows), "mae_points_trusted": mae(trusted), "mae_points_untrusted": mae(flagged),
         "n_trusted": len(trusted), "n_untrusted": len(flagged),
         "coverage_trusted": float(np.mean([e["heldout"]["within_band"] for e in trusted])) if trusted else None,
+        "coverage_trusted_premerge": (float(np.mean([e["heldout"]["within_band_premerge"] for e in trusted]))
+                                      if trusted else None),
         "mean_se_points": float(np.mean([e["heldout"]["se_points"] for e in rows])) if rows else None,
         "coefficients": {"grid_best_lambda": coefficients["grid_best_lambda"], "grid_best_measured": scored["grid_best"],
                          "chosen_global_measured": scored["global"], "chosen_per_task_measured": scored["per_task"],

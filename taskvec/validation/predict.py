@@ -151,6 +151,9 @@ class Scorer:
         pred = p1 + half_second if half_second is not None else p1
         d = (pred.argmax(-1) == y).float() - (f0.argmax(-1) == y).float()
         e["change_sd"] = float(d.std(unbiased=False))
+        # the same spread of the measured changes: what the held-out check's sampling allowance uses
+        dm = (f_true.argmax(-1) == y).float() - (f0.argmax(-1) == y).float()
+        e["change_sd_measured"] = float(dm.std(unbiased=False))
         e["n"] = int(y.numel())
         if probe is not None and not e["trusted"]:
             self._probed(e, f0, first, half_second, y, *probe)
