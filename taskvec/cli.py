@@ -233,12 +233,8 @@ def cmd_ntk(a) -> int:
 
 def _validate_lm(a, run, out) -> int:
     """``taskvec validate`` of a run of causal-LM tasks: predictions and measurements in nats per token."""
-    from .errors import TaskvecError
     from .lm_validate import run_path, validate_lm_run
 
-    if a.write_best:
-        raise TaskvecError("--write-best is not available for runs of causal-LM tasks yet; merge with "
-                           "`taskvec merge` and the λ the validation reports")
     res = validate_lm_run(run, out=out, n_eval=a.n_eval or 60, second_order=not a.first_order,
                           max_uncertainty=0.05 if a.max_uncertainty is None else a.max_uncertainty,
                           predictor=a.predictor, n_probe=a.n_probe, max_memory=a.max_memory, device=a.device,
@@ -252,6 +248,12 @@ def _validate_lm(a, run, out) -> int:
     print(f"prediction-chosen λ* = {c['lambda_star']:g}: measured {c['measured_avg_at_lambda_star']['eval']:+.3f} "
           f"nats/token; measured grid best λ = {c['grid_best_lambda']}: {c['grid_best_avg']:+.3f}")
     print(f"wrote {out or run_path(run)}")
+    if a.write_best:
+        from .lm_best import write_best
+
+        merged, cand = write_best(run, a.write_best, res, overwrite=a.overwrite, device=a.device or "cpu")
+        print(f"wrote the recommended merge ({cand['name']}: measured {cand['measured']:+.3f} nats per token "
+              f"average change) to {merged.out_dir}")
     return 0
 
 
@@ -263,6 +265,10 @@ def cmd_validate(a) -> int:
 
     with _locked_run(a):
         run, out = _run_or_study(a)
+        if a.write_best:  # refused before the (long) validation, not after it
+            from .io import check_output
+
+            check_output(a.write_best, a.overwrite)
         if not is_study(a.run):
             from .lm_validate import is_lm_run
 
@@ -270,10 +276,6 @@ def cmd_validate(a) -> int:
                 return _validate_lm(a, run, out)
         if a.predictor != "loglik" or a.max_memory is not None:
             raise TaskvecError("--predictor and --max-memory apply to runs of causal-LM tasks only")
-        if a.write_best:  # refused before the (long) validation, not after it
-            from .io import check_output
-
-            check_output(a.write_best, a.overwrite)
         res = validate_run(run, out=out, n_eval=a.n_eval or 500, n_kernel=a.n_kernel, rank=a.rank,
                            second_order=not a.first_order,
                            max_uncertainty=1.0 if a.max_uncertainty is None else a.max_uncertainty, device=a.device,

@@ -352,6 +352,9 @@ def validate_lm_run(run, merges: list | None = None, lambdas: list[float] | None
     res = {"run": str(run.root), "tasks": S.names, "unit": "mean NLL change, nats per token (negative = better)",
            "n_eval": n_eval, "n_holdout": n_holdout, "second_order": second_order, "predictor": predictor,
            "n_probe": n_probe, "rows": rows,
+           "merges": [{"name": f"task_arithmetic λ={lam:g}", "method": "task_arithmetic", "params": {"lambda": lam}}
+                      for lam in lambdas] + [{"name": m.name, "method": m.method, "params": dict(m.params)}
+                                             for m in merges or []],
            "summary": {**_summary(rows, max_uncertainty), "choice": choice_summary(rows)},
            "interference": S.interference(), "coefficients": S.coefficients(predictor, measured_avg),
            "timings_s": {"predictions": t_pred, "total": time.time() - t0}}

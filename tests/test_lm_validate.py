@@ -154,6 +154,26 @@ def test_taskvec_validate_of_an_lm_run_predicts_in_nats(lm_run, tmp_path, capsys
     assert res["predictor"] == "logits" and res["n_eval"] == 4 and res["summary"]["max_uncertainty"] == 0.05
     assert all(r["predictor"] == "taylor" for r in res["rows"])  # no probe asked for
     assert "Spearman predicted vs measured mean-NLL change" in capsys.readouterr().out
-    assert main(["validate", str(lm_run), "--write-best", str(tmp_path / "best"), "--out", str(out),
-                 "--overwrite"]) == 2
-    assert "not available for runs of causal-LM tasks" in capsys.readouterr().err
+    capsys.readouterr()
+    best = tmp_path / "best"
+    assert main(["validate", str(lm_run), "--n-eval", "4", "--write-best", str(best), "--out", str(out),
+                 "--overwrite"]) == 0
+    assert "wrote the recommended merge" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    from taskvec.lm_best import recommended
+
+    cand = recommended(res)
+    card = (best / "README.md").read_text()
+    assert "## Validation" in card and cand["name"] in card and f"{cand['measured']:+.3f}" in card
+    # the directory holds the recommended merge: θ0 + its Δ, loadable with plain transformers
+    from transformers import AutoModel
+
+    run = open_run(lm_run, require="vectors")
+    merged = dict(AutoModel.from_pretrained(best).named_parameters())
+    base = dict(run.backbone("cpu").named_parameters())
+    vecs = run.vectors()
+    lam = cand["params"]["lambda"] if cand["method"] == "task_arithmetic" else None
+    if lam is not None:
+        k = next(iter(vecs[run.names[0]].deltas))
+        want = base[k] + lam * sum(v.deltas[k] for v in vecs.values())
+        assert torch.allclose(merged[k], want, atol=1e-6)
