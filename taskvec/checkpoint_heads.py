@@ -170,4 +170,39 @@ def write_head(dest, spec: HeadSpec, state: dict[str, torch.Tensor]) -> Path:
     return dest
 
 
-__all__ = ["HeadError", "read_head", "write_head"]
+
+
+def read_lm_head(source, base_dir, task, kind: str) -> tuple[HeadSpec, dict[str, torch.Tensor]]:
+    """The LM head of a causal-LM checkpoint for a task scored by likelihood (objective ``lm`` or ``choice``),
+    as ``(HeadSpec(kind="lm"), state)``: with tied embeddings no tensor (the backbone's embedding is the
+    head); untied, the checkpoint's own ``lm_head.weight`` (a peft adapter: the base model's). Raises
+    :class:`HeadError` for a checkpoint that is not a causal LM."""
+    from .merge.checkpoint import Checkpoint
+    from .merge.methods import MergeError
+
+    source, base_dir = Path(source), Path(base_dir)
+    cfg = (_config(base_dir) if kind == "adapter" else _config(source)) or _config(base_dir)
+    archs = cfg.get("architectures") or []
+    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+        raise HeadError(f"{source}: a task scored by likelihood needs a causal LM checkpoint (…ForCausalLM); "
+                        f"this one is {', '.join(archs)}")
+    tied = bool(cfg.get("tie_word_embeddings", True))
+    state = {}
+    where = base_dir if kind == "adapter" else source
+    if not tied:
+        try:
+            ck = Checkpoint(where)
+            name = _find(list(ck.info), "lm_head.weight")
+            if name is None:
+                raise HeadError(f"{where}: untied embeddings but no lm_head.weight tensor")
+            state["weight"] = ck.get(name).float().contiguous()
+        except MergeError as e:
+            raise HeadError(f"{where}: {e}") from None
+    words = list(task.label_words or task.label_names)
+    spec = HeadSpec(kind="lm", pooling="none", num_labels=task.num_labels, label_names=list(task.label_names),
+                    label_words=words, token_ids=[], prompt=task.prompt, tied=tied, task=task.name,
+                    source=f"{where} ({'tied input embedding' if tied else 'lm_head.weight'})")
+    return spec, state
+
+
+__all__ = ["HeadError", "read_head", "read_lm_head", "write_head"]

@@ -260,7 +260,6 @@ def _validate_lm(a, run, out) -> int:
 def cmd_validate(a) -> int:
     from .errors import TaskvecError
     from .report import summary_markdown
-    from .study import is_study
     from .validation import validate_run
 
     with _locked_run(a):
@@ -269,11 +268,15 @@ def cmd_validate(a) -> int:
             from .io import check_output
 
             check_output(a.write_best, a.overwrite)
-        if not is_study(a.run):
-            from .lm_validate import is_lm_run
+        from .lm_validate import is_lm_run
+        from .runs import RunError
 
-            if is_lm_run(run):
-                return _validate_lm(a, run, out)
+        try:
+            lm = is_lm_run(run)
+        except RunError:  # not a finished run: validate_run says what is missing
+            lm = False
+        if lm:
+            return _validate_lm(a, run, out)
         if a.predictor != "loglik" or a.max_memory is not None:
             raise TaskvecError("--predictor and --max-memory apply to runs of causal-LM tasks only")
         res = validate_run(run, out=out, n_eval=a.n_eval or 500, n_kernel=a.n_kernel, rank=a.rank,

@@ -25,6 +25,10 @@ as a run directory (:mod:`taskvec.runs`): the heads read from the checkpoints (:
 seeded splits of the data (the ``train`` part gives kernel inputs, the ``test`` part evaluation examples)
 and the task vectors (full fine-tunes restricted to ``scope``; LoRA adapters as the exact ΔW). From there
 ``taskvec ntk``, ``validate`` and ``report`` work as on a taskvec run.
+
+Tasks scored by likelihood (``metric: lm_loss`` or ``multiple_choice``, with ``prompt`` and ``label_words``)
+take ``…ForCausalLM`` checkpoints and their LM head (:func:`taskvec.checkpoint_heads.read_lm_head`); a study is
+all-accuracy or all-likelihood, and the latter is validated in nats (:mod:`taskvec.lm_validate`).
 """
 
 from __future__ import annotations
@@ -37,9 +41,14 @@ from .errors import TaskvecError
 
 log = logging.getLogger(__name__)
 
-METRICS = ("accuracy",)
+#: a task's metric: ``accuracy`` (a classifier's head), or by likelihood with the checkpoint's LM head —
+#: ``lm_loss`` (mean NLL of the texts, objective ``lm``) and ``multiple_choice`` (the label words as choices
+#: after ``prompt``, objective ``choice``); see docs/lm.md
+METRICS = ("accuracy", "lm_loss", "multiple_choice")
+LM_OBJECTIVE = {"lm_loss": "lm", "multiple_choice": "choice"}
 STUDY_KEYS = ("base_model", "tasks", "scope", "seed", "test_size", "val_size", "max_length")
-TASK_KEYS = ("name", "model", "data", "text_column", "label_column", "text_pair_column", "metric")
+TASK_KEYS = ("name", "model", "data", "text_column", "label_column", "text_pair_column", "metric", "prompt",
+             "label_words")
 
 
 class StudyError(TaskvecError):
@@ -57,6 +66,8 @@ class StudyTask:
     label_column: str = "label"
     text_pair_column: str | None = None
     metric: str = "accuracy"
+    prompt: str | None = None  # multiple_choice: the template before each choice ({text}); default the task's
+    label_words: list[str] | None = None  # multiple_choice: one choice per class (default the label names)
 
 
 @dataclass
@@ -141,8 +152,14 @@ def load_study(source) -> Study:
         if not isinstance(t.name, str) or not t.name or "/" in t.name:
             raise StudyError(f"{where}: task name {t.name!r} must be a non-empty string without '/'")
         if t.metric not in METRICS:
-            raise StudyError(f"{where}: task {t.name!r}: metric {t.metric!r} does not fit a classifier; "
-                             f"valid: {', '.join(METRICS)}")
+            raise StudyError(f"{where}: task {t.name!r}: unknown metric {t.metric!r}; valid: {', '.join(METRICS)}")
+        if t.metric != "multiple_choice" and (t.prompt is not None or t.label_words is not None):
+            raise StudyError(f"{where}: task {t.name!r}: prompt and label_words belong to metric multiple_choice, "
+                             f"not {t.metric}")
+    kinds = {t.metric == "accuracy" for t in study.tasks}
+    if len(kinds) > 1:
+        raise StudyError(f"{where}: a study scores all its tasks by accuracy or all by likelihood (lm_loss, "
+                         "multiple_choice); split it in two")
     from .scopes import check_scope
 
     check_scope(study.scope)
@@ -168,6 +185,28 @@ def _task_data(t: StudyTask):
         return load_task(str(t.data))
     except DataError as e:
         raise StudyError(f"task {t.name!r}: {e}") from None
+
+
+def _lm_task(t: StudyTask, task):
+    """The task as a likelihood task for an LM metric (objective, prompt, label words), else as it is."""
+    import dataclasses
+
+    if t.metric not in LM_OBJECTIVE:
+        return task
+    kw = {"objective": LM_OBJECTIVE[t.metric]}
+    if t.prompt is not None:
+        if not isinstance(t.prompt, str) or "{text}" not in t.prompt:
+            raise StudyError(f"task {t.name!r}: prompt {t.prompt!r} must be a string naming the text column as "
+                             "{text}")
+        kw["prompt"] = t.prompt
+    if t.label_words is not None:
+        words = t.label_words
+        if (not isinstance(words, list) or len(words) != task.num_labels
+                or not all(isinstance(w, str) and w.strip() for w in words)):
+            raise StudyError(f"task {t.name!r}: label_words must be a list of {task.num_labels} non-empty strings "
+                             f"(one per class: {', '.join(task.label_names)}); got {words!r}")
+        kw["label_words"] = list(words)
+    return dataclasses.replace(task, **kw)
 
 
 def _run_task(t: StudyTask):
@@ -271,7 +310,7 @@ def prepare_study(source, out, overwrite: bool = False):
     ``taskvec validate STUDY --out D`` share it); one holding anything else is refused unless
     ``overwrite``. Nothing is written until every task has passed its checks.
     """
-    from .checkpoint_heads import HeadError, read_head
+    from .checkpoint_heads import HeadError, read_head, read_lm_head
     from .modeling import ModelError, resolve_model
     from .runs import Run, read_description, write_study
     from .tasks import DataError, make_splits
@@ -297,7 +336,7 @@ def prepare_study(source, out, overwrite: bool = False):
     prepared = {}
     for t in study.tasks:
         kind = _checkpoint_kind(t)
-        task = _task_data(t)
+        task = _lm_task(t, _task_data(t))
         task.name = t.name
         try:
             splits = make_splits(task, seed=study.seed, test_size=study.test_size,
@@ -311,7 +350,8 @@ def prepare_study(source, out, overwrite: bool = False):
             source = {"model": str(rt.head_dir.resolve()), "kind": "run"}
         else:
             try:
-                spec, head = read_head(t.model, base_dir, task.label_names, task=t.name)
+                spec, head = (read_lm_head(t.model, base_dir, task, kind) if t.metric in LM_OBJECTIVE
+                              else read_head(t.model, base_dir, task.label_names, task=t.name))
             except HeadError as e:
                 raise StudyError(f"task {t.name!r}: {e}") from None
             source = {"model": str(Path(t.model).resolve()), "kind": kind}
