@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 STAGE_DIRS = {"finetune": "finetune", "vectors": "vectors", "ntk": "ntk", "merge": "merges",
               "validate": "validation", "report": "report"}
+#: cached computations over a run's tasks (:meth:`Run.cache_path`), removed with the run's stage outputs
+CACHE_DIR = "cache"
 #: the order in which :meth:`Run.sample` draws each split's permutation from one generator
 SAMPLE_ORDER = ("test", "train", "val")
 
@@ -340,6 +342,20 @@ class Run:
         """``{task: log.json}`` of the finished tasks."""
         return {t: rt.log for t, rt in self.tasks.items() if rt.log}
 
+    def cache_path(self, kind: str, key: dict) -> Path | None:
+        """Where a cached computation over this run's fine-tuned tasks lives,
+        ``RUN/cache/<kind>-<hash>.safetensors``: the hash covers ``key`` (JSON) and every task vector file's
+        size and modification time, so re-fine-tuning a task (its vector rewritten) invalidates it. ``None``
+        for a run whose vectors are not all on disk (built in memory)."""
+        import hashlib
+
+        files = [self.vector_path(t) for t in self.names]
+        if not all(f.is_file() for f in files):
+            return None
+        stamp = [(str(f.name), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        h = hashlib.sha256(json.dumps([key, stamp], sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return self.root / CACHE_DIR / f"{kind}-{h}.safetensors"
+
     def read_stage_json(self, stage: str, name: str) -> dict | None:
         """A stage's saved JSON result (``None`` when the stage has not run)."""
         p = self.stage_dir(stage) / name
@@ -460,6 +476,7 @@ def write_study(root, record: dict, tasks: dict, max_length: int, overwrite: boo
         run_file(root).unlink()  # first: not a study until the new run.json is written
         for stage in STAGE_DIRS:
             shutil.rmtree(stage_path(root, stage), ignore_errors=True)
+        shutil.rmtree(root / CACHE_DIR, ignore_errors=True)
         (root / "results.json").unlink(missing_ok=True)
     for name, t in tasks.items():
         with atomic_dir(task_dir(root, name), overwrite=True) as d:

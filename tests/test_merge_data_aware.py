@@ -365,3 +365,52 @@ def test_merge_config_records_the_statistics_settings_used(tiny_run, tmp_path):
     rec = yaml.safe_load((tmp_path / "o" / "merge_config.yaml").read_text())
     assert rec["parameters"] == {"n_examples": 3, "alpha": 0.9}
     assert "alpha: 0.9" in (tmp_path / "o" / "README.md").read_text()
+
+
+def test_fisher_and_regmean_statistics_are_cached_in_the_run_and_invalidated_with_its_vectors(tiny_run, tmp_path,
+                                                                                              monkeypatch):
+    import os
+    import shutil
+
+    from taskvec.merge import data_aware
+
+    root = tmp_path / "run"
+    shutil.copytree(tiny_run, root)
+    run = open_run(root)
+    keys = ["encoder.layer.0.attention.self.query.weight", "encoder.layer.1.attention.self.value.weight"]
+    first = {m: run_statistics(run, m, ["a", "b"], keys, n_examples=6) for m in ("fisher", "regmean")}
+    assert len(list((root / "cache").glob("*.safetensors"))) == 2
+
+    def no(*a, **k):
+        raise AssertionError("statistics recomputed")
+
+    monkeypatch.setattr(data_aware, "_compute_statistics", no)
+    for m, want in first.items():  # the cached statistics, bit for bit
+        got = run_statistics(open_run(root), m, ["a", "b"], keys, n_examples=6)
+        assert got.n_examples == want.n_examples and got.layout == want.layout
+        for t in want.tensors:
+            assert all(torch.equal(got.tensors[t][k], want.tensors[t][k]) for k in want.tensors[t])
+    with pytest.raises(AssertionError, match="recomputed"):  # other settings: not the cached ones
+        run_statistics(open_run(root), "fisher", ["a", "b"], keys, n_examples=4)
+    p = open_run(root).vector_path("a")  # a task re-fine-tuned: its vector rewritten
+    os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
+    with pytest.raises(AssertionError, match="recomputed"):
+        run_statistics(open_run(root), "fisher", ["a", "b"], keys, n_examples=6)
+
+
+def test_the_merge_stage_and_validation_share_the_cached_fisher_statistics(tiny_run, tmp_path, monkeypatch):
+    import shutil
+
+    from taskvec.merge import data_aware
+
+    root = tmp_path / "run"
+    shutil.copytree(tiny_run, root)
+    merge({"run": str(root), "method": "fisher"}, tmp_path / "merged", show_progress=False)
+    monkeypatch.setattr(data_aware, "_compute_statistics",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("statistics recomputed")))
+    run = open_run(root)
+    base = {k: p.detach() for k, p in run.backbone().named_parameters()}
+    got = merge_run_vectors(run, list(run.vectors().values()), "fisher", base, run.names)
+    written = load_file(str(next((tmp_path / "merged").glob("*.safetensors"))))
+    k = next(iter(got))
+    assert torch.allclose(base[k] + got[k], written[k], atol=1e-6)

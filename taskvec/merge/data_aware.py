@@ -29,11 +29,15 @@ run's tasks (:func:`run_statistics`), and the two callers: the engine's tensor s
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .methods import WEIGHT, Method, MergeError, Param, _boolean, _integer, register
+
+log = logging.getLogger(__name__)
 
 NTK_AWARE = ("ntk_aware", "ntk_aware_harmful")
 DATA_AWARE = ("fisher", "regmean", *NTK_AWARE)
@@ -252,7 +256,11 @@ def run_statistics(run, method: str, tasks: list[str], keys, n_examples: int = 2
     """Statistics of ``method`` for each task of ``run`` (a :class:`~taskvec.runs.Run` or its directory):
     at the task's fine-tuned model (:meth:`Run.finetuned_model`) on its first ``n_examples`` seeded training
     examples (:meth:`Run.kernel_batches`). Fisher: each task's Fisher divided by its L2 norm over ``keys``
-    when ``normalize``. NTK-aware methods: :func:`ntk_statistics` (``rank``, ``n_kernel``)."""
+    when ``normalize``. NTK-aware methods: :func:`ntk_statistics` (``rank``, ``n_kernel``).
+
+    Fisher and RegMean statistics are cached in the run (:meth:`~taskvec.runs.Run.cache_path`, keyed by the
+    method, tasks, tensors, examples and normalisation and by the task vector files), so the merge stage's
+    and the validate stage's merges of one run compute them once."""
     from ..runs import RunError, device_of, open_run
 
     if not is_data_aware(method):
@@ -267,6 +275,52 @@ def run_statistics(run, method: str, tasks: list[str], keys, n_examples: int = 2
         raise MergeError(f"method {method!r}: no tensors to merge")
     if method in NTK_AWARE:
         return ntk_statistics(run, method, tasks, keys, rank, n_kernel, dev)
+    cache = run.cache_path(f"{method}-statistics", {"method": method, "tasks": list(tasks), "keys": keys,
+                                                     "n_examples": n_examples, "normalize": normalize})
+    if cache is not None and cache.is_file():
+        return _load_statistics(cache, method)
+    stats = _compute_statistics(run, method, tasks, keys, n_examples, dev, normalize)
+    if cache is not None:
+        _save_statistics(cache, stats)
+    return stats
+
+
+def _save_statistics(path: Path, stats: TaskStatistics) -> None:
+    """Cache ``stats`` as one safetensors file (``task/key`` tensors; layout and examples in its metadata),
+    written atomically; a run directory that cannot be written to is left without the cache."""
+    import json as _json
+
+    from safetensors.torch import save_file
+
+    from ..io import atomic_file
+
+    flat = {f"{t}/{k}": v.contiguous() for t, d in stats.tensors.items() for k, v in d.items()}
+    meta = {"layout": _json.dumps(stats.layout), "n_examples": _json.dumps(stats.n_examples),
+            "tasks": _json.dumps(list(stats.tensors))}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as tmp:
+            save_file(flat, str(tmp), metadata=meta)
+    except OSError as e:
+        log.warning("could not cache %s statistics in %s (%s); they will be computed again", stats.method, path, e)
+
+
+def _load_statistics(path: Path, method: str) -> TaskStatistics:
+    import json as _json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors: dict[str, dict] = {t: {} for t in _json.loads(meta["tasks"])}
+        for name in f.keys():
+            t, k = name.split("/", 1)
+            tensors[t][k] = f.get_tensor(name)
+    log.info("%s statistics read from the cache %s", method, path)
+    return TaskStatistics(method, tensors, _json.loads(meta["layout"]), _json.loads(meta["n_examples"]))
+
+
+def _compute_statistics(run, method, tasks, keys, n_examples, dev, normalize) -> TaskStatistics:
     stats = TaskStatistics(method, {})
     for t in tasks:
         rt = run.task(t)
