@@ -312,6 +312,9 @@ def test_validate_write_best_writes_the_recommended_merge_with_its_measured_accu
     results = run.validation_results()
     cand = recommended(results)
     assert cand["measured"] == max(c["measured"] for c in candidates(results))
+    grid = next(c for c in candidates(results) if "measured grid's best" in c["name"])  # the grid is a candidate
+    assert grid["params"]["lambda"] == results["coefficients"]["grid_best_lambda"]
+    assert grid["measured"] == pytest.approx(results["coefficients"]["grid_best_measured"], abs=1e-12)
     assert yaml.safe_load((out / "merge_config.yaml").read_text())["method"] == cand["method"]
     card = (out / "README.md").read_text()
     assert "## Validation" in card and cand["name"] in card
@@ -331,7 +334,7 @@ def test_validate_write_best_writes_the_recommended_merge_with_its_measured_accu
         assert f"{100 * row['per_task'][t]['measured']:.2f} |" in card
     # every candidate written from its config reproduces its measured accuracy (NTK-aware ones included)
     for i, c in enumerate(candidates(results)):
-        if c["method"] == "ntk_aware_harmful" or c["tasks"] is not None:
+        if c["method"] == "ntk_aware_harmful" or c["tasks"] is not None or "grid" in c["name"]:
             dest = tmp_path / f"candidate{i}"
             merge(merge_config(root, c, results), dest, show_progress=False)
             for t in run.names:

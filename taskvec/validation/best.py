@@ -2,10 +2,9 @@
 
 The recommendation is the **best measured** merge: of every merge the validation built with per-task
 numbers — the configured merges (task arithmetic, TIES, TSV, RegMean, Fisher, ...), the NTK-aware merges and
-task arithmetic at the prediction-chosen λ*, and task arithmetic with the prediction-chosen global and
-per-task coefficients — the one with the highest measured average normalised accuracy on the evaluation
-subset (ties: the first in that order). The λ grid of the grid search is not a candidate (its per-task
-numbers are not kept); its best λ is reported beside it in ``results["coefficients"]``.
+task arithmetic at the prediction-chosen λ*, task arithmetic at the measured global-λ grid's best λ, and
+task arithmetic with the prediction-chosen global and per-task coefficients — the one with the highest
+measured average normalised accuracy on the evaluation subset (ties: the first in that order).
 
 The merge is written by :func:`taskvec.merge.merge` from an ordinary merge config over the run (``run:``
 with the method and its parameters; per-task coefficients as per-task weights; the NTK-aware ones with the
@@ -29,7 +28,12 @@ def candidates(results: dict) -> list[dict]:
     for m in results.get("merges", []):
         out.append({"name": m["name"], "method": m["method"], "params": dict(m.get("params") or {}), "tasks": None,
                     "per_task": m["per_task"]})
-    for label, ch in (results.get("coefficients", {}).get("chosen") or {}).items():
+    co = results.get("coefficients", {})
+    if co.get("grid_best_per_task"):
+        out.append({"name": f"task_arithmetic λ={co['grid_best_lambda']:g} (the measured grid's best)",
+                    "method": "task_arithmetic", "params": {"lambda": float(co["grid_best_lambda"])}, "tasks": None,
+                    "per_task": co["grid_best_per_task"]})
+    for label, ch in (co.get("chosen") or {}).items():
         out.append({"name": f"task_arithmetic, prediction-chosen {label.replace('_', '-')} coefficients",
                     "method": "task_arithmetic", "params": {"lambda": 1.0},
                     "tasks": {t: {"weight": float(c)} for t, c in ch["coefficients"].items()},

@@ -43,7 +43,8 @@ def coefficient_phase(ctx: Context, der: Derivatives, scorer: Scorer, lambdas: l
     per-task coefficients (one full evaluation each, to report how well they do).
 
     Returns the JSON ``results["coefficients"]``: ``grid`` (λ, measured and predicted average normalised
-    accuracy), ``grid_best_lambda`` / ``grid_best_measured``, ``grid_evaluations``, ``chosen`` (``global``
+    accuracy), ``grid_best_lambda`` / ``grid_best_measured`` / ``grid_best_per_task`` (its per-task
+    entries, so the grid's best is a ``--write-best`` candidate), ``grid_evaluations``, ``chosen`` (``global``
     and ``per_task``: coefficients, predicted, measured, per task), ``gap_points_*`` (grid best minus
     chosen, in points) and ``lambda_star``.
     """
@@ -66,6 +67,7 @@ def coefficient_phase(ctx: Context, der: Derivatives, scorer: Scorer, lambdas: l
     best = max(grid, key=lambda g: g["measured"])
     return {"grid": [{k: v for k, v in g.items() if k != "per_task"} for g in grid],
             "grid_best_lambda": best["lambda"], "grid_best_measured": best["measured"],
+            "grid_best_per_task": best["per_task"],
             "grid_evaluations": grid_evals, "chosen": chosen, "chosen_evaluations": 1,
             "gap_points_global": 100 * (best["measured"] - chosen["global"]["measured"]),
             "gap_points_per_task": 100 * (best["measured"] - chosen["per_task"]["measured"]),
