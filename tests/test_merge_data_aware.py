@@ -378,7 +378,7 @@ def test_fisher_and_regmean_statistics_are_cached_in_the_run_and_invalidated_wit
     from taskvec.merge import data_aware
 
     root = tmp_path / "run"
-    shutil.copytree(tiny_run, root)
+    shutil.copytree(tiny_run, root, ignore=shutil.ignore_patterns("cache"))  # other tests' cached statistics
     run = open_run(root)
     keys = ["encoder.layer.0.attention.self.query.weight", "encoder.layer.1.attention.self.value.weight"]
     first = {m: run_statistics(run, m, ["a", "b"], keys, n_examples=6) for m in ("fisher", "regmean")}
@@ -407,7 +407,7 @@ def test_the_merge_stage_and_validation_share_the_cached_fisher_statistics(tiny_
     from taskvec.merge import data_aware
 
     root = tmp_path / "run"
-    shutil.copytree(tiny_run, root)
+    shutil.copytree(tiny_run, root, ignore=shutil.ignore_patterns("cache"))  # other tests' cached statistics
     merge({"run": str(root), "method": "fisher"}, tmp_path / "merged", show_progress=False)
     monkeypatch.setattr(data_aware, "_compute_statistics",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("statistics recomputed")))
