@@ -632,3 +632,16 @@ def test_reduce_streaming_splits_tensors_into_chunks_and_equals_the_whole_tensor
         moved += not torch.equal(want, b)
     assert moved > len(base) // 2  # the merge is not a copy of the base
     assert not get_method("model_stock").streams({"filter_wise": True})
+
+
+def test_della_ranks_equal_the_double_argsort_definition_with_ties():
+    """The ranks come from one sort and a scatter; the definition: the argsort of the stable argsort of |x|."""
+    g = torch.Generator().manual_seed(0)
+    for shape in [(7,), (3, 5), (64, 300), (2, 3, 4)]:
+        x = torch.randn(shape, generator=g)
+        x.view(-1)[: x.numel() // 3] = 0.0  # ties: equal magnitudes ranked by index
+        rows = x.reshape(1, -1) if x.ndim < 2 else x
+        n = rows.shape[1]
+        ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).float()
+        want = ((0.5 - 0.1) + ranks * (2 * 0.1 / (n - 1))).reshape(x.shape)
+        assert torch.equal(della_keep_probs(x, 0.5, 0.1), want), shape

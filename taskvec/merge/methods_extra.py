@@ -94,11 +94,20 @@ def slerp(base, deltas, weights, *, t=0.5):
 
 def slerp_stats(base, deltas) -> torch.Tensor:
     """The sums slerp needs, additive over any split of the entries (the engine streams them by chunk):
-    float64 ``[Σθ0², then per input: Σθ_t², Σθ0·θ_t, #(τ_t ≠ 0)]`` with θ_t = θ0 + τ_t."""
-    out = [(base * base).sum(dtype=F64)]
+    ``[Σθ0², then per input: Σθ_t², Σθ0·θ_t, #(τ_t ≠ 0)]`` with θ_t = θ0 + τ_t, returned in float64.
+
+    From three dot products per input and no temporaries: Σθ_t² = Σθ0² + 2·Σθ0·τ_t + Στ_t² and
+    Σθ0·θ_t = Σθ0² + Σθ0·τ_t; each dot accumulates in the inputs' dtype over one chunk (the engine's
+    chunks are 2¹⁸ entries; mergekit takes the norms of whole tensors in float32) and the chunks add in
+    float64."""
+    def dot(a, b):
+        return torch.dot(a.reshape(-1), b.reshape(-1)).to(F64)
+
+    b2 = dot(base, base)
+    out = [b2]
     for d in deltas:
-        other = base + d
-        out += [(other * other).sum(dtype=F64), (base * other).sum(dtype=F64), d.ne(0).sum().to(F64)]
+        bd = dot(base, d)
+        out += [b2 + 2 * bd + dot(d, d), b2 + bd, torch.count_nonzero(d).to(F64)]
     return torch.stack(out)
 
 
@@ -361,7 +370,10 @@ def della_keep_probs(x: torch.Tensor, density: float, epsilon: float) -> torch.T
     if n < 2:
         return torch.full(x.shape, density, dtype=dtype, device=x.device)
     order = torch.argsort(rows.abs(), dim=1, stable=True)
-    ranks = torch.argsort(order, dim=1).to(dtype)
+    # the inverse permutation (rank of each entry) by one scatter instead of a second sort: the same ranks
+    ranks = torch.empty(order.shape, dtype=dtype, device=x.device)
+    pos = torch.arange(n, dtype=dtype, device=x.device).view([1, n] + [1] * (order.ndim - 2))
+    ranks.scatter_(1, order, pos.expand(order.shape))
     return ((density - epsilon) + ranks * (2 * epsilon / (n - 1))).reshape(x.shape)
 
 
