@@ -28,6 +28,7 @@ _EXPORTS = {
     "NTKResult": "taskvec.ntk", "spectrum_report": "taskvec.spectrum", "spectral_stopping_step": "taskvec.spectral",
     "SpectralStopping": "taskvec.spectral", "validate_run": "taskvec.validation", "MergeSpec": "taskvec.merge.memory",
     "write_report": "taskvec.report", "run_pipeline": "taskvec.pipeline",
+    "validate_lm_run": "taskvec.lm_validate", "prepare_study": "taskvec.study",
     "Patience": "taskvec.stopping", "StoppingRule": "taskvec.stopping", "register_rule": "taskvec.stopping",
 }
 
