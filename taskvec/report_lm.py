@@ -48,13 +48,18 @@ def fig_lm_scatter(val: dict | None, out: Path) -> str | None:
 def _rows_table(val: dict) -> str:
     from .report import _table
 
-    rows = [[r["merge"], r["task"], f"{r['base_nll']:.3f}", _f(r["predicted_loglik_1st"]), _f(r["predicted_loglik"]),
-             _f(r["predicted_logits"]), _f(r.get("probe_predicted")), _f(r["predicted"]),
-             _f(r["uncertainty"], "±{:.3f}"), r["predictor"], _f(r["measured"]), _f(r["measured_heldout"]),
-             "yes" if r["trusted"] else "UNTRUSTED"] for r in val["rows"]]
+    def second(r, p):
+        return r.get(f"predicted_{p}_2nd", r[f"predicted_{p}"])
+
+    rows = [[r["merge"], r["task"], f"{r['base_nll']:.3f}", _f(r["predicted_loglik_1st"]), _f(second(r, "loglik")),
+             _f(r["predicted_logits_1st"]), _f(second(r, "logits")), f"{r['curvature']:.2f}",
+             _f(r.get("probe_predicted")), _f(r["predicted"]), _f(r["uncertainty"], "±{:.3f}"), r["predictor"],
+             _f(r["measured"]), _f(r["measured_heldout"]), "yes" if r["trusted"] else "UNTRUSTED"]
+            for r in val["rows"]]
     return _table(rows, ["merge", "task", "base NLL", "loglik, 1st order", "loglik, 2nd order",
-                         "linearised logits", "probe-calibrated", "headline", "uncertainty", "predictor",
-                         "measured", "measured, held-out", "trusted"], left=(0, 1, 9, 12))
+                         "linearised logits, 1st order", "linearised logits, 2nd order", "ρ", "probe-calibrated",
+                         "headline", "uncertainty", "predictor", "measured", "measured, held-out", "trusted"],
+                  left=(0, 1, 11, 14))
 
 
 def _summary_table(val: dict) -> str:
@@ -111,7 +116,8 @@ def lm_section(val: dict, figs: dict) -> list[str]:
     grid = ", ".join(f"λ={k}: {v:+.3f}" for k, v in co["grid"].items())
     return ["<h2>Merges of causal-LM tasks: predicted vs measured mean NLL</h2>",
             f"<p class=note>Change of each task's mean NLL (nats per token, negative = better) on {val['n_eval']} "
-            f"evaluation and {val['n_holdout']} held-out test examples per task. Taylor predictor "
+            f"evaluation and {val['n_holdout']} held-out test examples per task. A series that diverges (ρ ≥ 1) is "
+            "truncated at its first order in the headline. Taylor predictor "
             f"<code>{html.escape(val.get('predictor', 'loglik'))}</code>; where its band does not trust a "
             f"prediction, {s.get('n_probed', 0)} were replaced by the probe-calibrated estimate and "
             f"{s.get('n_probe_checked', 0)} kept after the probe found no bias.</p>",
