@@ -316,6 +316,44 @@ def _add_allow_pickle(p: argparse.ArgumentParser) -> None:
                         "torch.load(weights_only=True) instead of refusing them (taskvec.modeling.pickle_allowed)")
 
 
+def _add_validate_parser(sub) -> None:
+    """`taskvec validate`: classification runs and studies, and runs of causal-LM tasks (nats per token)."""
+    s = sub.add_parser("validate", help="predict merges from the linearised model, measure them, explain them")
+    s.add_argument("run", help="run directory, or a study YAML (checkpoints made elsewhere; needs --out)")
+    s.add_argument("--out", default=None, help="results file (default RUN/validation/results.json); for a study: "
+                                              "the study's directory")
+    s.add_argument("--n-eval", type=int, default=None,
+                   help="evaluation examples per task (default 500; 60 for runs of causal-LM tasks)")
+    s.add_argument("--n-kernel", type=int, default=128, help="kernel examples per task (eigenspaces)")
+    s.add_argument("--rank", type=int, default=20, help="r of the top-r eigenspaces")
+    s.add_argument("--max-uncertainty", type=float, default=None,
+                   help="trust threshold: a prediction is trusted when at most this many accuracy points of its "
+                        "examples could flip under the neglected higher-order terms (default 1.0); for causal-LM "
+                        "tasks in nats per token (default 0.05)")
+    s.add_argument("--predictor", choices=("loglik", "logits"), default="loglik",
+                   help="causal-LM tasks: Taylor series of the log-likelihood itself (default) or the NLL of "
+                        "the linearised next-token logits (both are reported)")
+    s.add_argument("--max-memory", default=None,
+                   help="causal-LM tasks: memory budget of the batched JVPs (bytes or e.g. 4GB; default 40%% "
+                        "of available memory)")
+    s.add_argument("--first-order", action="store_true", help="skip the second-order term (no trust signal: every prediction is flagged)")
+    s.add_argument("--n-probe", type=int, default=None,
+                   help="evaluation examples per task on which a merge whose Taylor prediction is flagged is "
+                        "measured first, to calibrate the expansion (default n_eval/5, at most 100; 0: Taylor only)")
+    s.add_argument("--probe-max-uncertainty", type=float, default=3.0,
+                   help="trust threshold of the probe-calibrated predictions (points: two standard errors)")
+    s.add_argument("--precision", choices=("float64", "float32"), default="float64",
+                   help="precision of the finite differences of the predictions (float32: half the cost)")
+    s.add_argument("--device", default=None)
+    s.add_argument("--write-best", default=None, metavar="DIR",
+                   help="also write the best measured merge as a merged model directory (heads, model card with "
+                        "predicted and measured per-task numbers)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing RUN/validation/results.json (and --write-best DIR)")
+    _add_allow_pickle(s)
+    s.set_defaults(func=cmd_validate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="taskvec", description="Fine-tune with early stopping, extract task vectors, "
                                 "explain interference through the empirical NTK, and merge transformer checkpoints.")
@@ -373,40 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_allow_pickle(s)
     s.set_defaults(func=cmd_merge)
 
-    s = sub.add_parser("validate", help="predict merges from the linearised model, measure them, explain them")
-    s.add_argument("run", help="run directory, or a study YAML (checkpoints made elsewhere; needs --out)")
-    s.add_argument("--out", default=None, help="results file (default RUN/validation/results.json); for a study: "
-                                              "the study's directory")
-    s.add_argument("--n-eval", type=int, default=None,
-                   help="evaluation examples per task (default 500; 60 for runs of causal-LM tasks)")
-    s.add_argument("--n-kernel", type=int, default=128, help="kernel examples per task (eigenspaces)")
-    s.add_argument("--rank", type=int, default=20, help="r of the top-r eigenspaces")
-    s.add_argument("--max-uncertainty", type=float, default=None,
-                   help="trust threshold: a prediction is trusted when at most this many accuracy points of its "
-                        "examples could flip under the neglected higher-order terms (default 1.0); for causal-LM "
-                        "tasks in nats per token (default 0.05)")
-    s.add_argument("--predictor", choices=("loglik", "logits"), default="loglik",
-                   help="causal-LM tasks: Taylor series of the log-likelihood itself (default) or the NLL of "
-                        "the linearised next-token logits (both are reported)")
-    s.add_argument("--max-memory", default=None,
-                   help="causal-LM tasks: memory budget of the batched JVPs (bytes or e.g. 4GB; default 40%% "
-                        "of available memory)")
-    s.add_argument("--first-order", action="store_true", help="skip the second-order term (no trust signal: every prediction is flagged)")
-    s.add_argument("--n-probe", type=int, default=None,
-                   help="evaluation examples per task on which a merge whose Taylor prediction is flagged is "
-                        "measured first, to calibrate the expansion (default n_eval/5, at most 100; 0: Taylor only)")
-    s.add_argument("--probe-max-uncertainty", type=float, default=3.0,
-                   help="trust threshold of the probe-calibrated predictions (points: two standard errors)")
-    s.add_argument("--precision", choices=("float64", "float32"), default="float64",
-                   help="precision of the finite differences of the predictions (float32: half the cost)")
-    s.add_argument("--device", default=None)
-    s.add_argument("--write-best", default=None, metavar="DIR",
-                   help="also write the best measured merge as a merged model directory (heads, model card with "
-                        "predicted and measured per-task numbers)")
-    s.add_argument("--overwrite", action="store_true",
-                   help="replace an existing RUN/validation/results.json (and --write-best DIR)")
-    _add_allow_pickle(s)
-    s.set_defaults(func=cmd_validate)
+    _add_validate_parser(sub)
 
     s = sub.add_parser("report", help="write RUN/report/report.html (+ PNG figures) and RUN/results.json")
     s.add_argument("run")

@@ -172,8 +172,8 @@ def test_taskvec_validate_of_an_lm_run_predicts_in_nats(lm_run, tmp_path, capsys
     merged = dict(AutoModel.from_pretrained(best).named_parameters())
     base = dict(run.backbone("cpu").named_parameters())
     vecs = run.vectors()
-    lam = cand["params"]["lambda"] if cand["method"] == "task_arithmetic" else None
-    if lam is not None:
-        k = next(iter(vecs[run.names[0]].deltas))
-        want = base[k] + lam * sum(v.deltas[k] for v in vecs.values())
-        assert torch.allclose(merged[k], want, atol=1e-6)
+    assert cand["method"] == "task_arithmetic"  # the CLI run measures task arithmetic at each λ and at λ*
+    lam = cand["params"]["lambda"]
+    k = next(iter(vecs[run.names[0]].deltas))
+    want = base[k] + lam * sum(v.deltas[k] for v in vecs.values())
+    assert torch.allclose(merged[k], want, atol=1e-6)
